@@ -1,0 +1,1 @@
+"""FlashLM: compact, efficient transformer language models."""

@@ -1,0 +1,298 @@
+"""Configuration: ModelConfig (+ named presets), TrainConfig, RunConfig; YAML in/out, dotted overrides.
+
+Every invalid value raises `ConfigError` with one line naming the key, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flashlm.errors import ConfigError
+
+FLAVOURS = ("gemma", "llama")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a FlashLM transformer.
+
+    `layer_pattern` is tiled over the layers: "L" a local (sliding-window) layer, "G" a global one.
+    "LLLLLG" is Gemma 3's 5 local : 1 global; "G" makes every layer global.
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # default d_model // n_heads
+    d_ff: int | None = None  # MLP hidden width; default 4 * d_model
+    flavour: str = "gemma"
+    layer_pattern: str = "LLLLLG"
+    sliding_window: int = 128
+    rope_base_local: float = 10_000.0
+    rope_base_global: float = 1_000_000.0
+    qk_norm: bool | None = None  # default: True for gemma, False for llama
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5; default head_dim
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    tie_embeddings: bool = True
+    max_seq_len: int = 512
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None and isinstance(self.d_model, int) and isinstance(self.n_heads, int):
+            self.head_dim = self.d_model // self.n_heads if self.n_heads > 0 else 0
+        if self.d_ff is None and isinstance(self.d_model, int):
+            self.d_ff = 4 * self.d_model
+        if self.qk_norm is None:
+            self.qk_norm = self.flavour == "gemma"
+        if self.query_pre_attn_scalar is None:
+            self.query_pre_attn_scalar = float(self.head_dim or 1)
+        self.validate()
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def layer_types(self) -> list[str]:
+        """Per layer: "local" or "global"."""
+        pat = self.layer_pattern
+        return ["global" if pat[i % len(pat)] == "G" else "local" for i in range(self.n_layers)]
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.d_model) if self.flavour == "gemma" else 1.0
+
+    # ---- validation ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"model.{key}: {msg}")
+
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                    "sliding_window", "max_seq_len"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
+                 f"must be a positive integer, got {value!r}")
+        need(self.flavour in FLAVOURS, "flavour", f"must be one of {', '.join(FLAVOURS)}, got {self.flavour!r}")
+        need(self.d_model % self.n_heads == 0, "d_model",
+             f"{self.d_model} is not divisible by n_heads={self.n_heads}; pick a multiple of n_heads")
+        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+             f"{self.n_kv_heads} does not divide n_heads={self.n_heads}; use a divisor of n_heads")
+        need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
+             and set(self.layer_pattern) <= {"L", "G"}, "layer_pattern",
+             f"must be a non-empty string of 'L' (local) and 'G' (global), got {self.layer_pattern!r}")
+        if "local" in self.layer_types:
+            need(self.sliding_window <= self.max_seq_len, "sliding_window",
+                 f"{self.sliding_window} is larger than the context max_seq_len={self.max_seq_len}; "
+                 "lower it or make every layer global (layer_pattern: G)")
+        need(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        for key in ("attn_softcap", "final_softcap"):
+            value = getattr(self, key)
+            need(value is None or value > 0, key, f"must be positive or null, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prefix: str = "model") -> ModelConfig:
+        data = dict(data)
+        preset = data.pop("preset", None)
+        if preset is not None:
+            get_preset(preset)  # validates the name
+        base = dict(PRESETS[preset]) if preset else {}
+        _check_keys(cls, data, prefix)
+        base.update(data)
+        return cls(**base)
+
+
+def _check_keys(cls: type, data: dict[str, Any], prefix: str) -> None:
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            close = [k for k in known if k.startswith(str(key)[:3])]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{prefix}.{key}: unknown key{hint}; known keys: {', '.join(sorted(known))}")
+
+
+# ---- presets ------------------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # tests: well under 1M parameters
+    "nano": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                 layer_pattern="LG", sliding_window=16, max_seq_len=128),
+    # CPU sizes
+    "micro": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
+                  layer_pattern="LLLG", sliding_window=64, max_seq_len=256),
+    "tiny": dict(vocab_size=4096, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=640,
+                 layer_pattern="LLLLLG", sliding_window=128, max_seq_len=512),  # ~5M
+    "small": dict(vocab_size=8192, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1536,
+                  layer_pattern="LLLLLG", sliding_window=256, max_seq_len=1024),  # ~20M
+    # GPU sizes
+    "base": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=3072,
+                 layer_pattern="LLLLLG", sliding_window=512, max_seq_len=2048),
+    "1b": dict(vocab_size=65536, d_model=2048, n_layers=20, n_heads=16, n_kv_heads=4, d_ff=8192,
+               layer_pattern="LLLLLG", sliding_window=512, max_seq_len=8192),
+    # Llama-3-8B widths with a tied 128k vocabulary: ≈7.5B parameters
+    "7.5b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                 layer_pattern="LLLLLG", sliding_window=1024, max_seq_len=8192),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**PRESETS[name])
+
+
+def count_parameters(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    """Parameters of `FlashLM(cfg)`, computed from the config alone (heads included)."""
+    d, h = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_heads * h + 2 * d * cfg.n_kv_heads * h + cfg.n_heads * h * d
+    mlp = 3 * d * cfg.d_ff
+    norms = (4 if cfg.flavour == "gemma" else 2) * d + (2 * h if cfg.qk_norm else 0)
+    per_layer = attn + mlp + norms
+    heads = 2 * d + 2  # NSP head: Linear(d, 2) with bias
+    total = cfg.n_layers * per_layer + d + heads
+    if include_embedding:
+        total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return total
+
+
+# ---- training -----------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Optimisation and run settings for `flashlm train` (objectives and distillation extend it)."""
+
+    data: str = ""  # token-shard directory (from `flashlm data prepare`)
+    out: str = "runs/train"
+    steps: int = 1000
+    batch_size: int = 16  # sequences per rank per micro-step
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    distributed: str = "ddp"  # ddp | fsdp (used when launched by torchrun)
+    seed: int = 1337
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"train.{key}: {msg}")
+
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                    "save_every", "keep_last", "log_every"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
+        need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        need(self.schedule in ("cosine", "wsd"), "schedule", f"must be cosine or wsd, got {self.schedule!r}")
+        need(self.precision in ("auto", "fp32", "bf16"), "precision",
+             f"must be auto, fp32 or bf16, got {self.precision!r}")
+        need(self.distributed in ("ddp", "fsdp"), "distributed",
+             f"must be ddp or fsdp, got {self.distributed!r}")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class RunConfig:
+    """A whole recipe: what `configs/*.yaml` holds."""
+
+    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"model": self.model.to_dict(), "train": asdict(self.train)}
+        out["train"]["betas"] = list(self.train.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("config: the top level must be a mapping with sections 'model' and 'train'")
+        _check_keys(cls, data, "config")
+        model = ModelConfig.from_dict(data.get("model") or {})
+        train_data = dict(data.get("train") or {})
+        _check_keys(TrainConfig, train_data, "train")
+        if "betas" in train_data:
+            train_data["betas"] = tuple(train_data["betas"])
+        train = TrainConfig(**train_data)
+        cfg = cls(model=model, train=train)
+        cfg.validate()
+        return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return data or {}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML scalars) to a config mapping."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. model.n_layers=4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"--set {item!r}: the key must be section.name, e.g. train.lr=1e-3")
+        section, name = parts
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"--set {item!r}: {section} is not a section")
+        data[section][name] = value
+    return data
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data = load_yaml(path) if path else {}
+    return RunConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+def save_yaml(cfg: RunConfig | ModelConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
+    """A copy of `cfg` with some fields changed (and validated)."""
+    return dataclasses.replace(cfg, **changes)

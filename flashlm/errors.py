@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+
+
+class FlashLMError(Exception):
+    """A mistake in the user's input (config, paths, data, checkpoints): say what, where, and what to do."""
+
+
+class ConfigError(FlashLMError):
+    """An invalid configuration value or key."""
+
+
+class DataError(FlashLMError):
+    """Unreadable, empty or mismatched input data."""
+
+
+class CheckpointError(FlashLMError):
+    """A missing, truncated or inconsistent checkpoint."""
