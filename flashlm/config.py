@@ -108,8 +108,32 @@ class ModelConfig:
             get_preset(preset)  # validates the name
         base = dict(PRESETS[preset]) if preset else {}
         _check_keys(cls, data, prefix)
-        base.update(data)
+        base.update(_coerce(cls, data, prefix))
         return cls(**base)
+
+
+def _coerce(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Convert values to each field's declared type (YAML reads `1e-3` as a string); refuse the rest."""
+    types = {f.name: str(f.type) for f in fields(cls)}
+    out = {}
+    for key, value in data.items():
+        kind = types.get(key, "")
+        base = kind.replace(" | None", "")
+        try:
+            if value is None and "None" in kind:
+                pass
+            elif base == "float" and not isinstance(value, bool):
+                value = float(value)
+            elif base == "int" and isinstance(value, str):
+                value = int(value)
+            elif base == "bool" and not isinstance(value, bool):
+                raise ValueError
+            elif base.startswith("tuple"):
+                value = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{prefix}.{key}: expected {kind}, got {value!r}") from None
+        out[key] = value
+    return out
 
 
 def _check_keys(cls: type, data: dict[str, Any], prefix: str) -> None:
@@ -241,9 +265,7 @@ class RunConfig:
         model = ModelConfig.from_dict(data.get("model") or {})
         train_data = dict(data.get("train") or {})
         _check_keys(TrainConfig, train_data, "train")
-        if "betas" in train_data:
-            train_data["betas"] = tuple(train_data["betas"])
-        train = TrainConfig(**train_data)
+        train = TrainConfig(**_coerce(TrainConfig, train_data, "train"))
         cfg = cls(model=model, train=train)
         cfg.validate()
         return cfg

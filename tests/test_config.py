@@ -1,0 +1,78 @@
+"""Configuration: presets, YAML, overrides and one-line validation errors."""
+
+import pytest
+
+from flashlm.config import (
+    ModelConfig,
+    RunConfig,
+    apply_overrides,
+    get_preset,
+    load_run_config,
+    save_yaml,
+)
+from flashlm.errors import ConfigError
+
+
+def test_yaml_round_trip_with_preset_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: nano\n  n_layers: 3\ntrain:\n  steps: 7\n  seq_len: 64\n")
+    cfg = load_run_config(path, ["model.d_model=128", "train.lr=1e-3", "train.compile=true"])
+    assert cfg.model.n_layers == 3 and cfg.model.d_model == 128 and cfg.model.head_dim == 32
+    assert cfg.train.steps == 7 and cfg.train.lr == 1e-3 and cfg.train.compile is True
+    save_yaml(cfg, tmp_path / "saved.yaml")
+    again = load_run_config(tmp_path / "saved.yaml")
+    assert again == cfg
+
+
+def test_gemma_defaults():
+    cfg = get_preset("tiny")
+    assert cfg.flavour == "gemma" and cfg.qk_norm and cfg.tie_embeddings
+    assert cfg.layer_types == ["local"] * 5 + ["global"]
+    assert cfg.rope_base_local == 10_000 and cfg.rope_base_global == 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"d_model": 100, "n_heads": 3}, "model.d_model"),
+        ({"n_kv_heads": 3}, "model.n_kv_heads"),
+        ({"sliding_window": 4096}, "model.sliding_window"),
+        ({"flavour": "gpt"}, "model.flavour"),
+        ({"layer_pattern": "LX"}, "model.layer_pattern"),
+        ({"n_layers": 0}, "model.n_layers"),
+    ],
+)
+def test_invalid_model_values_name_the_key(changes, key):
+    data = {**get_preset("nano").to_dict(), **changes}
+    data.pop("head_dim")
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_dict(data)
+    message = str(info.value)
+    assert message.startswith(key) and "\n" not in message
+
+
+def test_unknown_keys_are_refused_with_a_hint():
+    with pytest.raises(ConfigError, match=r"model\.n_layer: unknown key \(did you mean n_layers\?\)"):
+        RunConfig.from_dict({"model": {"n_layer": 2}})
+    with pytest.raises(ConfigError, match=r"train\.stepz: unknown key"):
+        RunConfig.from_dict({"train": {"stepz": 2}})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        RunConfig.from_dict({"model": {"preset": "huge"}})
+
+
+def test_bad_overrides_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["model.n_layers"])
+    with pytest.raises(ConfigError, match="section.name"):
+        apply_overrides({}, ["n_layers=2"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(bad)
+
+
+def test_seq_len_cannot_exceed_context():
+    with pytest.raises(ConfigError, match="train.seq_len"):
+        RunConfig.from_dict({"model": {"preset": "nano"}, "train": {"seq_len": 1024}})
