@@ -34,6 +34,41 @@ console = Console(stderr=True)
 # ---- data --------------------------------------------------------------------------------------
 
 
+# ---- generate ----------------------------------------------------------------------------------
+@app.command()
+def generate(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string; repeatable.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible samples.")] = None,
+    prefix_lm: Annotated[bool, typer.Option(help="Attend bidirectionally over the prompt.")] = False,
+) -> None:
+    """Generate text from a model, streaming tokens to the terminal."""
+    from flashlm.generate import Sampling, stream
+    from flashlm.generate import generate as generate_batch
+    from flashlm.model.transformer import FlashLM
+    from flashlm.tokenizer import Tokenizer
+
+    model = FlashLM.from_pretrained(model_dir)
+    tokenizer = Tokenizer.load(model_dir)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
+                        prefix_lm=prefix_lm)
+    if len(prompt) == 1:
+        typer.echo(prompt[0], nl=False)
+        for piece in stream(model, tokenizer, prompt[0], sampling):
+            typer.echo(piece, nl=False)
+        typer.echo()
+        return
+    for text, completion in zip(prompt, generate_batch(model, tokenizer, prompt, sampling), strict=True):
+        typer.echo(f"{text}{completion}\n")
+
+
 # ---- model info --------------------------------------------------------------------------------
 @app.command()
 def info(preset_or_dir: Annotated[str, typer.Argument(help="A preset name or a model directory.")]) -> None:
