@@ -99,12 +99,13 @@ class FlashLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, mode: str = "causal", prefix_len: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 compute_logits: bool = True, return_hidden_states: bool = False,
-                return_attentions: bool = False) -> LMOutput:
+                return_attentions: bool | str = False) -> LMOutput:
         """Run the model.
 
         input_ids [B, T]; mode "causal" | "bidirectional" | "prefix" (then prefix_len [B] tokens of each
         row are bidirectional); doc_ids [B, T] keeps packed documents apart (and restarts RoPE
-        positions per document); cache continues an incremental decode.
+        positions per document); cache continues an incremental decode. return_attentions=True returns
+        every layer's attention weights, "last" only the last layer's (the others keep fast kernels).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -121,17 +122,19 @@ class FlashLM(nn.Module):
         masks = self._masks(spec, cache, T, device)
         hidden_states = [x] if return_hidden_states else None
         attentions = [] if return_attentions else None
+        last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
+            want_weights = return_attentions is True or (return_attentions == "last" and i == last)
             local = block.attn.is_local
             cos, sin = rope[self.cfg.rope_base_local if local else self.cfg.rope_base_global]
             mask = masks["local" if local else "global"]
             if self.gradient_checkpointing and self.training and cache is None:
-                x, weights = checkpoint(block, x, cos, sin, mask, None, return_attentions, use_reentrant=False)
+                x, weights = checkpoint(block, x, cos, sin, mask, None, want_weights, use_reentrant=False)
             else:
-                x, weights = block(x, cos, sin, mask, cache, return_attentions)
+                x, weights = block(x, cos, sin, mask, cache, want_weights)
             if return_hidden_states:
                 hidden_states.append(x)
-            if return_attentions:
+            if want_weights:
                 attentions.append(weights)
         if cache is not None:
             cache.advance(T)

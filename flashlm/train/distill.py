@@ -426,7 +426,8 @@ class OnlineTeacher:
         if self.kind == "flashlm":
             out = self.model(input_ids, mode=mode, prefix_len=prefix_len,
                              doc_ids=None if doc_ids is None else doc_ids.to(self.device),
-                             return_hidden_states=return_hidden_states, return_attentions=return_attentions)
+                             return_hidden_states=return_hidden_states,
+                             return_attentions="last" if return_attentions else False)
             logits, hidden, attns = out.logits, out.hidden_states, out.attentions
         else:
             if mode != "causal":
@@ -579,7 +580,8 @@ class DistillObjective(nn.Module):
 
     def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(batch.input_ids, mode=batch.mode, doc_ids=batch.doc_ids, prefix_len=batch.prefix_len,
-                    return_hidden_states=self.needs_hidden_states, return_attentions=self.needs_attentions)
+                    return_hidden_states=self.needs_hidden_states,
+                    return_attentions="last" if self.needs_attentions else False)
         return self.loss(out, batch)
 
     def as_objective(self, name: str = "distill") -> Any:
