@@ -230,7 +230,7 @@ def eval_efficiency(
     sizes = tuple(batch_size or (1, 8))
     results = efficiency(net, sizes, prompt_len, new_tokens, _eval_device(device))
     settings = {"batch_sizes": list(sizes), "prompt_len": results["prompt_len"], "new_tokens": new_tokens}
-    path = write_result(out, "efficiency", results, model=model, settings=settings)
+    path = write_result(out, "efficiency", results, model=model, seed=0, settings=settings)
     for run in results["runs"]:
         typer.echo(f"batch {run['batch_size']}: prefill {run['prefill_tokens_per_s']:.0f} tok/s, decode "
                    f"{run['decode_tokens_per_s']:.0f} tok/s, first token {1000 * run['ttft_s']:.1f} ms, "

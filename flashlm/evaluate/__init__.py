@@ -1,0 +1,1 @@
+"""Evaluation tasks, one module each (lm, longrange, efficiency), shared metrics, and the report."""
