@@ -29,9 +29,44 @@ console = Console(stderr=True)
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
+@tokenizer_app.command("train")
+def tokenizer_train(
+    files: Annotated[list[Path], typer.Argument(help="Text / JSONL / Parquet files or directories.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for tokenizer.json.")],
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, the 5 special tokens included.")] = 8192,
+    min_frequency: Annotated[int, typer.Option(help="Merge only pairs seen this often.")] = 2,
+    txt_mode: Annotated[str, typer.Option(help="Text files: 'line' or 'blank'(-line separated).")] = "line",
+    field: Annotated[str, typer.Option(help="JSONL / Parquet field holding the text.")] = "text",
+) -> None:
+    """Train a byte-level BPE tokenizer (<pad> <bos> <eos> <mask> <sep> get ids 0-4)."""
+    from flashlm.tokenizer import Tokenizer
+
+    paths = [str(f) for f in files]
+    tok = Tokenizer.train(paths, vocab_size, min_frequency, txt_mode=txt_mode, field=field)
+    path = tok.save(out)
+    typer.echo(f"tokenizer with {tok.vocab_size} tokens (fingerprint {tok.fingerprint[:8]}) saved to {path}")
 
 
 # ---- data --------------------------------------------------------------------------------------
+@data_app.command("prepare")
+def data_prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="Text / JSONL / Parquet files or directories.")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="tokenizer.json or its directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the shards.")],
+    val_fraction: Annotated[float, typer.Option(help="Share of documents for the val split.")] = 0.01,
+    workers: Annotated[int | None, typer.Option(help="Tokenizing processes; default by CPU count.")] = None,
+    txt_mode: Annotated[str, typer.Option(help="Text files: 'line' or 'blank'(-line separated).")] = "line",
+    field: Annotated[str, typer.Option(help="JSONL / Parquet field holding the text.")] = "text",
+) -> None:
+    """Tokenize documents into train/val token shards (+ document index and meta.json)."""
+    from flashlm.data.shards import prepare_shards
+
+    meta = prepare_shards([str(p) for p in inputs], tokenizer, out, val_fraction=val_fraction,
+                          workers=workers, txt_mode=txt_mode, field=field, progress=True)
+    for split, stats in meta["splits"].items():
+        typer.echo(f"{split}: {stats['docs']:,} documents, {stats['tokens']:,} tokens, "
+                   f"{stats['text_bytes'] / 1e6:.1f} MB of text")
+    typer.echo(f"shards ({meta['dtype']}) written to {out}")
 
 
 # ---- generate ----------------------------------------------------------------------------------

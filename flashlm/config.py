@@ -218,6 +218,12 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     tensorboard: bool = False
+    objective: str = "clm"  # a name in flashlm.train.objectives.OBJECTIVES
+    packed_attention: bool = False  # attention (and loss) never cross document boundaries
+    val_data: str = ""  # shard directory for evaluation; default: the "val" split of `data`
+    tokenizer: str = ""  # tokenizer.json copied into checkpoints; default: the one in `data`
+    resume: bool | str = False  # true: latest checkpoint under out/; or a checkpoint path
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -236,6 +242,10 @@ class TrainConfig:
         need(self.distributed in ("ddp", "fsdp"), "distributed",
              f"must be ddp or fsdp, got {self.distributed!r}")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.device in ("auto", "cpu", "cuda"), "device",
+             f"must be auto, cpu or cuda, got {self.device!r}")
+        need(isinstance(self.resume, (bool, str)), "resume",
+             f"must be true, false or a checkpoint path, got {self.resume!r}")
 
 
 @dataclass
