@@ -284,6 +284,187 @@ def eval_report(
     typer.echo(f"report written to {write_report(results_dir, metrics)}")
 
 
+# ---- eval: fine-tuned tasks --------------------------------------------------------------------
+ModelOpt = Annotated[Path | None, typer.Option("--model", help="Start from this FlashLM directory.")]
+PresetOpt = Annotated[str | None, typer.Option(help="Else a fresh model of this preset (default: task's).")]
+MinutesOpt = Annotated[float | None, typer.Option(help="Training budget in minutes (schedule follows it).")]
+EpochsOpt = Annotated[float | None, typer.Option(help="Training epochs (default: the task's).")]
+StepsOpt = Annotated[int | None, typer.Option(help="At most this many optimizer steps.")]
+BatchOpt = Annotated[int | None, typer.Option(help="Examples per step (default: the task's).")]
+LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate (default: the task's).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for the model, tokenizer and shuffling.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (1 is best on a busy machine).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]
+OutOpt = Annotated[Path, typer.Option(help="Results directory.")]
+SaveOpt = Annotated[Path | None, typer.Option(help="Keep the fine-tuned model (and tokenizer) here.")]
+
+
+def _ft_setup(model_dir: Path | None, preset: str | None, device: str, threads: int | None, cfg):
+    """Threads, device and starting point: (model, tokenizer) from --model, or None (a fresh model
+    of --preset or the task's default, written into `cfg.model`)."""
+    import dataclasses
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if model_dir is not None:
+        return _eval_load(model_dir, device), cfg
+    cfg = dataclasses.replace(cfg, model=preset or cfg.model, device=_eval_device(device))
+    return (None, None), cfg
+
+
+def _ft_config(base, minutes, epochs, max_steps, batch_size, lr, seed):
+    """The task's FinetuneConfig with the options given on the command line."""
+    import dataclasses
+
+    given = {"max_minutes": minutes, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+             "lr": lr}
+    if minutes is not None and epochs is None:
+        given["epochs"] = 10_000.0  # the clock decides
+    return dataclasses.replace(base, seed=seed, **{k: v for k, v in given.items() if v is not None})
+
+
+@eval_app.command("babi")
+def eval_babi(
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    data: Annotated[Path | None, typer.Option(help="bAbI directory (default: $FLASHLM_BABI).")] = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated task numbers.")] = "1-20",
+    per_task: Annotated[bool, typer.Option(help="One model per task instead of one joint model.")] = False,
+    max_sentences: Annotated[int, typer.Option(help="Story statements kept before each question.")] = 50,
+    minutes: MinutesOpt = None,
+    epochs: EpochsOpt = None,
+    max_steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    train_limit: Annotated[int | None, typer.Option(help="Training questions per task (subset).")] = None,
+    test_limit: Annotated[int | None, typer.Option(help="Test questions per task (subset).")] = None,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = Path("results"),
+    save: SaveOpt = None,
+) -> None:
+    """Fine-tune on the bAbI 1k training sets (prefix LM) and report exact-match accuracy per task."""
+    import dataclasses
+
+    from flashlm.evaluate.babi import BabiConfig, find_data, run_babi
+    from flashlm.evaluate.report import write_result
+
+    numbers = tuple(range(1, 21)) if tasks == "1-20" else tuple(int(t) for t in tasks.split(",") if t.strip())
+    cfg = BabiConfig(tasks=numbers, per_task=per_task, max_sentences=max_sentences, train_limit=train_limit,
+                     test_limit=test_limit)
+    (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
+    ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed)
+    cfg = dataclasses.replace(cfg, finetune=ft)
+    directory = find_data(data)
+    results = run_babi(directory, cfg, net, tok, save)
+    settings = {"tasks": list(numbers), "per_task": per_task, "max_sentences": max_sentences,
+                "minutes": minutes, "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
+                "preset": preset, "threads": threads}
+    scores = {f"babi qa{t}": a for t, a in results["accuracy"].items()}
+    path = write_result(out, "babi", results, model=str(model or preset or "default"),
+                        data=sorted(directory.glob("qa*.txt")), seed=seed, settings=settings, scores=scores)
+    _eval_echo("babi", results, path, ("mean_accuracy", "failed_tasks", "train_seconds"))
+
+
+@eval_app.command("squad")
+def eval_squad(
+    train: Annotated[Path, typer.Option(help="SQuAD v1.1 JSON training file.")],
+    eval_file: Annotated[Path, typer.Option("--eval", help="SQuAD v1.1 JSON evaluation file.")],
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    max_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 256,
+    doc_stride: Annotated[int, typer.Option(help="Context tokens shared by neighbouring windows.")] = 64,
+    max_answer_len: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 30,
+    minutes: MinutesOpt = None,
+    epochs: EpochsOpt = None,
+    max_steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = Path("results"),
+    save: SaveOpt = None,
+) -> None:
+    """Fine-tune a span head on a SQuAD-format file and report EM/F1 (official v1.1 normalisation)."""
+    import dataclasses
+
+    from flashlm.evaluate.report import write_result
+    from flashlm.evaluate.squad import SquadConfig, run_squad
+
+    cfg = SquadConfig(max_len=max_len, doc_stride=doc_stride, max_answer_len=max_answer_len)
+    (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
+    ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed)
+    cfg = dataclasses.replace(cfg, finetune=ft)
+    results = run_squad(train, eval_file, cfg, net, tok, save)
+    settings = {"max_len": max_len, "doc_stride": doc_stride, "max_answer_len": max_answer_len,
+                "minutes": minutes, "epochs": ft.epochs, "lr": ft.lr, "preset": preset}
+    path = write_result(out, "squad", results, model=str(model or preset or "default"),
+                        data=[train, eval_file], seed=seed, settings=settings,
+                        scores={"squad f1": results["f1"] / 100})
+    _eval_echo("squad", results, path, ("exact_match", "f1", "count"))
+
+
+@eval_app.command("translate")
+def eval_translate(
+    train_src: Annotated[Path, typer.Option(help="Training sources, one a line (.gz ok).")],
+    train_tgt: Annotated[Path, typer.Option(help="Training targets, line-aligned.")],
+    eval_src: Annotated[Path, typer.Option(help="Evaluation sources.")],
+    eval_tgt: Annotated[Path, typer.Option(help="Evaluation references.")],
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    beam: Annotated[int, typer.Option(help="Beam size (1: greedy).")] = 1,
+    length_penalty: Annotated[float, typer.Option(help="Beam ranking: log p / length ** this.")] = 1.0,
+    vocab_size: Annotated[int, typer.Option(help="Shared BPE vocabulary of a fresh model.")] = 8000,
+    minutes: MinutesOpt = None,
+    epochs: EpochsOpt = None,
+    max_steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    train_limit: Annotated[int | None, typer.Option(help="Use only the first N training pairs.")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Use only the first N evaluation pairs.")] = None,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = Path("results"),
+    save: SaveOpt = None,
+) -> None:
+    """Fine-tune a prefix-LM translator and report BLEU and chrF (sacrebleu, detokenised)."""
+    import dataclasses
+
+    from flashlm.evaluate.report import write_result
+    from flashlm.evaluate.translate import TranslateConfig, run_translation
+
+    cfg = TranslateConfig(vocab_size=vocab_size, beam=beam, length_penalty=length_penalty,
+                          train_limit=train_limit, eval_limit=eval_limit)
+    (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
+    ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed)
+    cfg = dataclasses.replace(cfg, finetune=ft)
+    results = run_translation(train_src, train_tgt, eval_src, eval_tgt, cfg, net, tok, save)
+    settings = {"beam": beam, "length_penalty": length_penalty, "minutes": minutes, "epochs": ft.epochs,
+                "batch_size": ft.batch_size, "lr": ft.lr, "preset": preset, "threads": threads}
+    path = write_result(out, "translate", results, model=str(model or preset or "default"),
+                        data=[train_src, train_tgt, eval_src, eval_tgt], seed=seed, settings=settings)
+    _eval_echo("translate", results, path, ("bleu", "chrf", "train_seconds"))
+
+
+# ---- demo --------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    data: Annotated[list[str] | None, typer.Option(help="Your own text/JSONL/Parquet files (repeatable).")] = None,
+    minutes: Annotated[float, typer.Option(help="Approximate total budget.")] = 5.0,
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Seed for the corpus, sampling and training.")] = 0,
+) -> None:
+    """The whole pipeline in minutes: tokenizer, shards, pre-training, distillation, evaluation, samples."""
+    from flashlm.demo import run_demo
+
+    run_demo(out, minutes=minutes, data=data, seed=seed)
+
+
 # ---- model info --------------------------------------------------------------------------------
 @app.command()
 def info(preset_or_dir: Annotated[str, typer.Argument(help="A preset name or a model directory.")]) -> None:

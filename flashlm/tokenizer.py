@@ -1,0 +1,216 @@
+"""Train, load and save the byte-level BPE tokenizer; the special tokens and their ids.
+
+The tokenizer is a Hugging Face `tokenizers` BPE with a ByteLevel pre-tokenizer and decoder, so every
+Unicode string round-trips: ``decode(encode(s)) == s``. Trained tokenizers reserve ids 0-4 for
+``<pad> <bos> <eos> <mask> <sep>``; the saved ``tokenizer.json`` loads unchanged in
+``transformers.PreTrainedTokenizerFast(tokenizer_file=...)``.
+
+Special-token strings in raw text (a document that literally contains ``"<eos>"``) are encoded as
+ordinary text, never as the special id: only ``add_bos``/``add_eos`` (and the data pipeline) insert
+special ids, so user text cannot forge document boundaries. ``transformers`` does the same when
+given ``split_special_tokens=True``; with its default (False) it maps such strings to the special ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from flashlm.errors import ConfigError, DataError
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<mask>", "<sep>")
+PAD_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID = range(len(SPECIAL_TOKENS))
+TOKENIZER_FILE = "tokenizer.json"
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the specials plus one token for every byte
+
+# Role -> token names to look for, in order (FlashLM names first, then SentencePiece/Llama names).
+_ROLE_NAMES: dict[str, tuple[str, ...]] = {
+    "pad": ("<pad>", "<unk>"),
+    "bos": ("<bos>", "<s>"),
+    "eos": ("<eos>", "</s>"),
+    "mask": ("<mask>",),
+    "sep": ("<sep>",),
+}
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with FlashLM's special-token conventions."""
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        self._tok = backend
+        self._tok.encode_special_tokens = True  # special-token strings in text stay text
+        self._ids = {role: _first_id(backend, names) for role, names in _ROLE_NAMES.items()}
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        files_or_iterator: str | os.PathLike | Sequence[str | os.PathLike] | Iterable[str],
+        vocab_size: int,
+        min_frequency: int = 2,
+        show_progress: bool = True,
+        txt_mode: str = "line",
+        field: str = "text",
+    ) -> Tokenizer:
+        """Train a byte-level BPE on files (a path, or a list/tuple of paths) or an iterator of texts.
+
+        Files are read with `flashlm.data.corpus.iter_documents` (``txt_mode``/``field`` as there).
+        """
+        from flashlm.data.corpus import iter_documents
+
+        if vocab_size < MIN_VOCAB_SIZE:
+            need = f"{MIN_VOCAB_SIZE} (5 specials + 256 bytes)"
+            raise ConfigError(f"vocab_size must be at least {need}, got {vocab_size}")
+        documents = iter_documents(files_or_iterator, txt_mode=txt_mode, field=field)
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        backend.train_from_iterator(documents, trainer=trainer)
+        tok = cls(backend)
+        assert [tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.sep_id] == list(range(5))
+        return tok
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load from a ``tokenizer.json`` file or a directory that contains one."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / TOKENIZER_FILE
+        if not file.is_file():
+            raise DataError(f"no tokenizer at {file}; train one with `flashlm tokenizer train`")
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(file)))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise DataError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}") from None
+
+    @classmethod
+    def from_str(cls, json_str: str) -> Tokenizer:
+        """Build from the JSON text of a ``tokenizer.json``."""
+        return cls(tokenizers.Tokenizer.from_str(json_str))
+
+    def save(self, dir_or_file: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` (into a directory, or to a path ending in ``.json``); return its path."""
+        path = Path(dir_or_file)
+        if path.suffix != ".json":
+            path = path / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_str(), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    def to_str(self) -> str:
+        """The ``tokenizer.json`` text."""
+        return self._tok.to_str(pretty=True)
+
+    # ---- encoding -------------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text``, optionally framed by ``<bos>``/``<eos>``."""
+        return self._frame(self._tok.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
+
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
+    ) -> list[list[int]]:
+        """`encode` over many texts at once (multi-threaded inside `tokenizers`)."""
+        encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [self._frame(e.ids, add_bos, add_eos) for e in encodings]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Text of ``ids``; special tokens are dropped unless ``skip_special`` is False."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def _frame(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if add_bos:
+            ids.insert(0, _require(self.bos_id, "bos"))
+        if add_eos:
+            ids.append(_require(self.eos_id, "eos"))
+        return ids
+
+    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer`."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._ids["pad"]
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._ids["bos"]
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._ids["eos"]
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._ids["mask"]
+
+    @property
+    def sep_id(self) -> int | None:
+        return self._ids["sep"]
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of every special token: the five roles that exist plus any other added special token."""
+        added = {i for i, tok in self._tok.get_added_tokens_decoder().items() if tok.special}
+        return added | {i for i in self._ids.values() if i is not None}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 hex of the canonical JSON (sorted keys, no padding/truncation state)."""
+        data = json.loads(self._tok.to_str())
+        data.pop("padding", None)
+        data.pop("truncation", None)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:8]})"
+
+
+def _first_id(backend: tokenizers.Tokenizer, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        token_id = backend.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def _require(token_id: int | None, role: str) -> int:
+    if token_id is None:
+        raise DataError(f"this tokenizer has no {role} token")
+    return token_id
+
+
+__all__ = [
+    "BOS_ID",
+    "EOS_ID",
+    "MASK_ID",
+    "MIN_VOCAB_SIZE",
+    "PAD_ID",
+    "SEP_ID",
+    "SPECIAL_TOKENS",
+    "TOKENIZER_FILE",
+    "Tokenizer",
+]
