@@ -24,7 +24,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_prepare.py

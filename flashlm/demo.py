@@ -41,7 +41,8 @@ def model_config(vocab_size: int, student: bool = False):
 
 def train_config(shards: Path, out: Path, steps: int, seed: int) -> TrainConfig:
     tokenizer = shards.parent / "tokenizer" / "tokenizer.json"
-    return TrainConfig(data=str(shards), out=str(out), tokenizer=str(tokenizer), steps=steps, batch_size=16, seq_len=128, lr=3e-3,
+    return TrainConfig(data=str(shards), out=str(out), tokenizer=str(tokenizer), steps=steps, batch_size=16,
+                       seq_len=128, lr=3e-3,
                        warmup_steps=min(50, max(steps // 10, 1)), eval_every=max(steps // 4, 1),
                        eval_batches=16, save_every=steps, keep_last=1, log_every=max(min(10, steps // 20), 1),
                        seed=seed, device="cpu" if not torch.cuda.is_available() else "auto")

@@ -98,7 +98,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, offset) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | str | None, cache=None, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                mask: torch.Tensor | str | None, cache=None,
+                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
