@@ -97,10 +97,15 @@ def generate_tokens(model: FlashLM, prompts: Sequence[Sequence[int]], sampling: 
 
 
 def stream(model: FlashLM, tokenizer, prompt: str, sampling: Sampling, add_bos: bool = True) -> Iterator[str]:
-    """Yield the text of one prompt's continuation piece by piece, honouring stop strings."""
+    """Yield the text of one prompt's continuation piece by piece, honouring stop strings.
+
+    Text that could be the beginning of a stop string is held back until the next tokens show it is
+    not, so the pieces always join to exactly what `generate` returns.
+    """
     ids = tokenizer.encode(prompt, add_bos=add_bos)
     produced: list[int] = []
-    emitted = ""
+    emitted = 0
+    text = ""
     for step in generate_tokens(model, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0):
         token = step[0]
         if token is None or (token == tokenizer.eos_id and sampling.stop_at_eos):
@@ -109,14 +114,17 @@ def stream(model: FlashLM, tokenizer, prompt: str, sampling: Sampling, add_bos: 
         text = tokenizer.decode(produced)
         cut = _stop_index(text, sampling.stop)
         if cut is not None:
-            if cut > len(emitted):
-                yield text[len(emitted):cut]
+            if cut > emitted:
+                yield text[emitted:cut]
             return
         if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
             continue
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
-            emitted = text
+        safe = len(text) - _partial_stop(text, sampling.stop)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    if len(text) > emitted:
+        yield text[emitted:]
 
 
 def generate(model: FlashLM, tokenizer, prompts: str | Sequence[str], sampling: Sampling | None = None,
@@ -138,6 +146,11 @@ def generate(model: FlashLM, tokenizer, prompts: str | Sequence[str], sampling: 
         cut = _stop_index(text, sampling.stop)
         results.append(text if cut is None else text[:cut])
     return results[0] if single else results
+
+
+def _partial_stop(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def _stop_index(text: str, stops: Sequence[str]) -> int | None:

@@ -81,3 +81,26 @@ def test_repetition_penalty_lowers_seen_tokens():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     out = next_token_scores(logits, torch.tensor([[0, 1]]), Sampling(temperature=0, repetition_penalty=2.0))
     assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+class CharTokenizer:
+    """One token per character: enough to test text-level streaming."""
+
+    eos_id, pad_id = 2, 0
+
+    def encode(self, text, add_bos=True):
+        return ([1] if add_bos else []) + [5 + (ord(c) % 500) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 5 + 97) if 5 <= i < 31 else " " for i in ids)
+
+
+def test_streamed_pieces_join_to_the_generated_text_even_with_multi_token_stops():
+    from flashlm.generate import generate, stream
+
+    m, tok = model(sharpen=1.0), CharTokenizer()
+    for stop in ([], [" m"], ["    w"], ["zz", "  m "]):
+        sampling = Sampling(max_new_tokens=60, temperature=1.0, seed=3, stop=tuple(stop))
+        full = generate(m, tok, "hello", sampling)
+        assert "".join(stream(m, tok, "hello", sampling)) == full
+        assert not any(s in full for s in stop)

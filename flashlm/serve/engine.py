@@ -1,0 +1,171 @@
+"""One loaded model behind a lock: text completion pieces with token counts, and the chat template.
+
+Shared by the HTTP server (`serve/app.py`) and the terminal chat (`flashlm chat`); it imports no web
+framework. Streaming and non-streaming calls run the same code, so their texts agree exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from flashlm.generate import Sampling, generate_tokens
+from flashlm.model.transformer import FlashLM
+
+# A plain-text chat template a base model can follow; generation stops when it starts the next user turn.
+ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOP = "\nUser:"
+
+
+def chat_prompt(messages: Sequence[dict]) -> str:
+    """Render [{"role", "content"}, ...] as "System: …\\nUser: …\\nAssistant: …\\n…User: …\\nAssistant:"."""
+    lines = [f"{ROLE_PREFIX[m['role']]}: {m['content'].strip()}" for m in messages]
+    return "\n".join(lines) + f"\n{ROLE_PREFIX['assistant']}:"
+
+
+@dataclass
+class Run:
+    """What one generation produced besides its text; filled in as the pieces are consumed."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" (eos or a stop string), "length", "cancelled"
+
+
+class Engine:
+    """A model and its tokenizer; `lock` serialises every use of the model (one request at a time)."""
+
+    def __init__(self, model: FlashLM, tokenizer, name: str = "flashlm") -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu", name: str | None = None) -> Engine:
+        from flashlm.tokenizer import Tokenizer
+
+        model = FlashLM.from_pretrained(model_dir, device=device)
+        return cls(model, Tokenizer.load(model_dir), name or Path(model_dir).resolve().name)
+
+    @property
+    def context(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_bos=True)
+
+    def fit_chat(self, messages: list[dict], reserve: int = 32) -> list[dict]:
+        """Drop the oldest turns (system messages stay) until the prompt leaves `reserve` tokens free."""
+        messages = list(messages)
+        while len(self.encode(chat_prompt(messages))) > self.context - reserve:
+            turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
+            if len(turns) <= 1:
+                break
+            del messages[turns[0]]
+        return messages
+
+    def pieces(self, ids: list[int], sampling: Sampling, run: Run, lstrip: bool = False,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield the continuation of `ids` piece by piece (the caller holds `lock`).
+
+        Stop strings are honoured even across tokens: text that could begin a stop string is held back
+        until it is known not to, so streamed pieces join to exactly the non-streamed text. With
+        `lstrip` the leading whitespace of the continuation is dropped (stop strings still match the
+        text as generated, so a reply that starts with one is empty).
+        """
+        tok = self.tokenizer
+        stops = [s for s in sampling.stop if s]
+        produced: list[int] = []
+        emitted = 0
+        started = not lstrip
+        for step in generate_tokens(self.model, [ids], sampling, eos_id=tok.eos_id, pad_id=tok.pad_id or 0):
+            if cancel is not None and cancel.is_set():
+                run.finish_reason = "cancelled"
+                return
+            token = step[0]
+            if token is None or (sampling.stop_at_eos and token == tok.eos_id):
+                run.finish_reason = "stop"
+                break
+            produced.append(token)
+            run.completion_tokens += 1
+            text = tok.decode(produced)
+            if not started:  # drop the whitespace that follows "Assistant:"
+                stripped = text.lstrip()
+                if not stripped:
+                    continue
+                emitted, started = len(text) - len(stripped), True
+            cut = _stop_index(text, stops)
+            if cut is not None:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                run.finish_reason = "stop"
+                return
+            if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
+                continue
+            safe = len(text) - _stop_prefix_len(text, stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        else:
+            run.finish_reason = "length"
+        text = tok.decode(produced)
+        if started and len(text) > emitted:
+            yield text[emitted:]
+
+
+def _stop_index(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the start of some stop string (0 if none)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+def chat_repl(engine: Engine, sampling: Sampling, lines: Iterable[str], write: Callable[[str], None],
+              system: str | None = None, interactive: bool = False) -> list[dict]:
+    """A terminal chat: one user message a line, the reply streamed to `write`; returns the history.
+
+    "/reset" forgets the conversation, "/exit" (or the end of `lines`) ends it. The oldest turns are
+    dropped when the conversation outgrows the context.
+    """
+    sampling = replace(sampling, stop=(CHAT_STOP, *sampling.stop))
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    reserve = max(1, min(sampling.max_new_tokens, engine.context // 2))
+    if interactive:
+        write("you> ")
+    for line in lines:
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            write("(conversation cleared)\n")
+        elif text:
+            messages = engine.fit_chat([*messages, {"role": "user", "content": text}], reserve)
+            ids = engine.encode(chat_prompt(messages))
+            if len(ids) >= engine.context:
+                messages.pop()
+                write(f"(that message is {len(ids)} tokens; the context holds {engine.context}: skipped)\n")
+            else:
+                if interactive:
+                    write("assistant> ")
+                reply = []
+                with engine.lock:
+                    for piece in engine.pieces(ids, sampling, Run(len(ids)), lstrip=True):
+                        reply.append(piece)
+                        write(piece)
+                write("\n")
+                messages.append({"role": "assistant", "content": "".join(reply)})
+        if interactive:
+            write("you> ")
+    return messages
