@@ -170,7 +170,8 @@ def train_command(
 
 
 # ---- eval --------------------------------------------------------------------------------------
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models: perplexity, cloze, efficiency, reports.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models: perplexity, cloze, long-range tasks, "
+                       "efficiency, fine-tuned tasks, reports (`eval all`: the whole report card).")
 app.add_typer(eval_app, name="eval")
 
 
@@ -284,6 +285,67 @@ def eval_report(
     typer.echo(f"report written to {write_report(results_dir, metrics)}")
 
 
+@eval_app.command("longrange")
+def eval_longrange(
+    minutes: Annotated[float | None, typer.Option(
+        help="Training budget in minutes for all the small models together (also capped by --steps).")] = 12.0,
+    patterns: Annotated[str, typer.Option(
+        help="Comma-separated layer patterns: 'default' (local/global), 'global' (all-global) or L/G strings."
+    )] = "default,global",
+    layers: Annotated[int, typer.Option(help="Layers of each small model ('default' is LG at 2).")] = 2,
+    d_model: Annotated[int, typer.Option(help="Width of each small model.")] = 64,
+    window: Annotated[int | None, typer.Option(help="Sliding window of the local layers (default 4).")] = None,
+    rope_base_global: Annotated[float | None, typer.Option(
+        help="RoPE base of the global layers (default 1e30, i.e. almost NoPE; models default to 1e6).")] = None,
+    train_len: Annotated[int, typer.Option(help="Longest passkey training row; scored up to 4x this.")] = 256,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps per model (default: the task's).")] = None,
+    samples: Annotated[int, typer.Option(help="Passkey items per (length, depth) cell.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for data and models.")] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (1: best for these tiny models).")] = 1,
+    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+) -> None:
+    """Passkey retrieval and MQAR on small models trained here, local/global vs all-global; KV bytes."""
+    from flashlm.evaluate.longrange import LongRangeConfig, write_longrange
+
+    changes = {"threads": threads, "n_layers": layers, "d_model": d_model, "train_len": train_len,
+               "passkey_samples": samples, "seed": seed, "minutes": minutes}
+    if window is not None:
+        changes["sliding_window"] = window
+    if rope_base_global is not None:
+        changes["rope_base_global"] = rope_base_global
+    if steps is not None:
+        changes.update(passkey_steps=steps, mqar_steps=steps)
+    cfg = LongRangeConfig.from_names(patterns.split(","), **changes)
+    path, results = write_longrange(out, cfg, log=lambda m: typer.echo(m, err=True))
+    for row in results["summary"]:
+        typer.echo("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    typer.echo(f"longrange written to {path}")
+
+
+@eval_app.command("all")
+def eval_all(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    data: Annotated[list[Path] | None, typer.Option(help="Text files for perplexity (repeatable).")] = None,
+    cloze_file: Annotated[Path | None, typer.Option("--cloze", help="A LAMBADA-format file.")] = None,
+    out: Annotated[Path, typer.Option(help="Results directory (report.md goes here).")] = Path("results"),
+    quick: Annotated[bool, typer.Option(help="Small data and budgets: a report in a few minutes.")] = False,
+    minutes: Annotated[float | None, typer.Option(
+        help="Training minutes shared by the trained tasks (default: 2.5 with --quick, else each task's).")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated subset of ppl,cloze,efficiency,longrange,babi,squad,translate.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for torch (default: 1 with --quick, where a busy machine made 2 far slower).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+) -> None:
+    """Every task that applies to MODEL (fine-tuned tasks on copies of it), then report.md with plots."""
+    from flashlm.evaluate.report import evaluate_all
+
+    report = evaluate_all(model_dir, out, quick=quick, data=data or (), cloze_file=cloze_file, minutes=minutes,
+                          tasks=tasks.split(",") if tasks else None, threads=threads, device=device,
+                          log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"report written to {report}")
+
+
 # ---- eval: fine-tuned tasks --------------------------------------------------------------------
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="Start from this FlashLM directory.")]
 PresetOpt = Annotated[str | None, typer.Option(help="Else a fresh model of this preset (default: task's).")]
@@ -297,6 +359,8 @@ ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (1 i
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]
 OutOpt = Annotated[Path, typer.Option(help="Results directory.")]
 SaveOpt = Annotated[Path | None, typer.Option(help="Keep the fine-tuned model (and tokenizer) here.")]
+PrecisionOpt = Annotated[str, typer.Option(help="Training precision: fp32, or bf16 autocast (fast on AMX CPUs).")]
+ClockOpt = Annotated[str, typer.Option(help="What --minutes counts: wall time, or this process's cpu time.")]
 
 
 def _ft_setup(model_dir: Path | None, preset: str | None, device: str, threads: int | None, cfg):
@@ -314,12 +378,12 @@ def _ft_setup(model_dir: Path | None, preset: str | None, device: str, threads: 
     return (None, None), cfg
 
 
-def _ft_config(base, minutes, epochs, max_steps, batch_size, lr, seed):
+def _ft_config(base, minutes, epochs, max_steps, batch_size, lr, seed, precision="fp32", clock="wall"):
     """The task's FinetuneConfig with the options given on the command line."""
     import dataclasses
 
-    given = {"max_minutes": minutes, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
-             "lr": lr}
+    given = {"precision": precision, "clock": clock, "max_minutes": minutes, "epochs": epochs, "max_steps": max_steps,
+             "batch_size": batch_size, "lr": lr}
     if minutes is not None and epochs is None:
         given["epochs"] = 10_000.0  # the clock decides
     return dataclasses.replace(base, seed=seed, **{k: v for k, v in given.items() if v is not None})
@@ -340,6 +404,8 @@ def eval_babi(
     lr: LrOpt = None,
     train_limit: Annotated[int | None, typer.Option(help="Training questions per task (subset).")] = None,
     test_limit: Annotated[int | None, typer.Option(help="Test questions per task (subset).")] = None,
+    precision: PrecisionOpt = "fp32",
+    clock: ClockOpt = "wall",
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
@@ -349,23 +415,25 @@ def eval_babi(
     """Fine-tune on the bAbI 1k training sets (prefix LM) and report exact-match accuracy per task."""
     import dataclasses
 
-    from flashlm.evaluate.babi import BabiConfig, find_data, run_babi
+    from flashlm.evaluate.babi import BabiConfig, find_data, run_babi, task_file
     from flashlm.evaluate.report import write_result
 
     numbers = tuple(range(1, 21)) if tasks == "1-20" else tuple(int(t) for t in tasks.split(",") if t.strip())
     cfg = BabiConfig(tasks=numbers, per_task=per_task, max_sentences=max_sentences, train_limit=train_limit,
                      test_limit=test_limit)
     (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
-    ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed)
+    ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     directory = find_data(data)
     results = run_babi(directory, cfg, net, tok, save)
     settings = {"tasks": list(numbers), "per_task": per_task, "max_sentences": max_sentences,
-                "minutes": minutes, "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
+                "minutes": minutes, "clock": clock, "precision": precision,
+                "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
                 "preset": preset, "threads": threads}
     scores = {f"babi qa{t}": a for t, a in results["accuracy"].items()}
     path = write_result(out, "babi", results, model=str(model or preset or "default"),
-                        data=sorted(directory.glob("qa*.txt")), seed=seed, settings=settings, scores=scores)
+                        data=[task_file(directory, t, s) for t in numbers for s in ("train", "test")], seed=seed,
+                        settings=settings, scores=scores)
     _eval_echo("babi", results, path, ("mean_accuracy", "failed_tasks", "train_seconds"))
 
 
@@ -383,6 +451,8 @@ def eval_squad(
     max_steps: StepsOpt = None,
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
+    precision: PrecisionOpt = "fp32",
+    clock: ClockOpt = "wall",
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
@@ -397,11 +467,12 @@ def eval_squad(
 
     cfg = SquadConfig(max_len=max_len, doc_stride=doc_stride, max_answer_len=max_answer_len)
     (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
-    ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed)
+    ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     results = run_squad(train, eval_file, cfg, net, tok, save)
     settings = {"max_len": max_len, "doc_stride": doc_stride, "max_answer_len": max_answer_len,
-                "minutes": minutes, "epochs": ft.epochs, "lr": ft.lr, "preset": preset}
+                "minutes": minutes, "clock": clock, "precision": precision,
+                "epochs": ft.epochs, "lr": ft.lr, "preset": preset}
     path = write_result(out, "squad", results, model=str(model or preset or "default"),
                         data=[train, eval_file], seed=seed, settings=settings,
                         scores={"squad f1": results["f1"] / 100})
@@ -426,6 +497,8 @@ def eval_translate(
     lr: LrOpt = None,
     train_limit: Annotated[int | None, typer.Option(help="Use only the first N training pairs.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Use only the first N evaluation pairs.")] = None,
+    precision: PrecisionOpt = "fp32",
+    clock: ClockOpt = "wall",
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
@@ -441,10 +514,11 @@ def eval_translate(
     cfg = TranslateConfig(vocab_size=vocab_size, beam=beam, length_penalty=length_penalty,
                           train_limit=train_limit, eval_limit=eval_limit)
     (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
-    ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed)
+    ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     results = run_translation(train_src, train_tgt, eval_src, eval_tgt, cfg, net, tok, save)
-    settings = {"beam": beam, "length_penalty": length_penalty, "minutes": minutes, "epochs": ft.epochs,
+    settings = {"beam": beam, "length_penalty": length_penalty, "minutes": minutes, "clock": clock, "precision": precision,
+                "epochs": ft.epochs,
                 "batch_size": ft.batch_size, "lr": ft.lr, "preset": preset, "threads": threads}
     path = write_result(out, "translate", results, model=str(model or preset or "default"),
                         data=[train_src, train_tgt, eval_src, eval_tgt], seed=seed, settings=settings)
@@ -463,6 +537,233 @@ def demo(
     from flashlm.demo import run_demo
 
     run_demo(out, minutes=minutes, data=data, seed=seed)
+
+
+# ---- distill -----------------------------------------------------------------------------------
+distill_app = typer.Typer(help="Distil a teacher into a smaller student (`flashlm distill --config RECIPE`); "
+                               "`distill cache` stores a teacher's top-k logits once.")
+app.add_typer(distill_app, name="distill")
+
+
+@distill_app.callback(invoke_without_command=True)
+def distill_command(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="A YAML recipe with a distill: section, e.g. configs/distill-tiny.yaml.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a key (repeatable): --set distill.alpha=0.3.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the latest checkpoint in train.out.")] = False,
+) -> None:
+    """Train a student with a teacher (online, or from a `distill cache`) in the training loop."""
+    import os
+
+    from flashlm.config import load_run_config
+    from flashlm.errors import ConfigError
+    from flashlm.train.loop import train
+
+    if ctx.invoked_subcommand is not None:
+        if config is not None:
+            raise ConfigError(f"--config belongs to `flashlm distill`, not `flashlm distill {ctx.invoked_subcommand}`")
+        return
+    if config is None:
+        typer.echo(ctx.get_help())
+        return
+    cfg = load_run_config(config, [*(overrides or []), *(["train.resume=true"] if resume else [])])
+    if cfg.distill is None:
+        raise ConfigError(f"distill: {config} has no distill: section; add one with distill.teacher "
+                          "(see configs/distill-tiny.yaml) or use `flashlm train`")
+    summary = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        loss = f"{summary['loss']:.4f}" if summary["loss"] is not None else "-"
+        typer.echo(f"step {summary['step']}: loss {loss}; checkpoint {summary['checkpoint']}; "
+                   f"metrics in {summary['out']}/metrics.jsonl")
+
+
+@distill_app.command("cache")
+def distill_cache(
+    teacher: Annotated[Path, typer.Argument(help="The teacher: a FlashLM checkpoint or local transformers dir.")],
+    data: Annotated[Path, typer.Argument(help="Token shards from `flashlm data prepare`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the cache (rerun to resume).")],
+    top_k: Annotated[int, typer.Option(help="Token ids kept per position.")] = 64,
+    seq_len: Annotated[int | None, typer.Option(
+        help="Teacher window; default its context (at most 2048). Use train.seq_len to match the student.")] = None,
+    stride: Annotated[int | None, typer.Option(
+        help="Window step; default seq-len / 2 (every position keeps >= seq-len / 2 tokens of context).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = 8,
+    split: Annotated[str, typer.Option(help="Shard split to cache.")] = "train",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+) -> None:
+    """Run the teacher once over the shards and store each position's top-k ids and log-probabilities."""
+    from flashlm.train.distill import cache_teacher
+
+    cache = cache_teacher(teacher, data, out, top_k, seq_len, batch_size, split, _eval_device(device),
+                          stride=stride)
+    size = cache.n_positions * cache.bytes_per_token
+    typer.echo(f"cached {cache.n_positions:,} positions (top-{cache.top_k}, window {cache.seq_len}, stride "
+               f"{cache.stride}) in {out}: {cache.bytes_per_token} bytes per token, {size / 1e6:.1f} MB")
+
+
+# ---- serve -------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes the model to the network.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web playground (/)."""
+    from flashlm.serve.app import serve as run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can use the model")
+    run_server(model_dir, host=host, port=port, device=device, log_level=log_level)
+
+
+@app.command()
+def chat(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    system: Annotated[str | None, typer.Option(help="A system message to start the conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per reply.")] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Chat in the terminal: one message a line ("User: …\\nAssistant:" template); /reset, /exit or EOF."""
+    from flashlm.generate import Sampling
+    from flashlm.serve.engine import Engine, chat_repl
+
+    engine = Engine.load(model_dir, device=device)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, seed=seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"chatting with {engine.name}; /reset clears the conversation, /exit or Ctrl-D ends it", err=True)
+    chat_repl(engine, sampling, sys.stdin, lambda text: typer.echo(text, nl=False), system=system,
+              interactive=interactive)
+
+
+@app.command("explain")
+def explain_command(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    text: Annotated[str, typer.Argument(help="The text to look at.")],
+    layer: Annotated[int | None, typer.Option(help="Layer of the attention map; default the mean of layers.")] = None,
+    head: Annotated[int | None, typer.Option(help="Head of the attention map; default the mean of heads.")] = None,
+    target: Annotated[str | None, typer.Option(help="Next token to explain (e.g. ' cat'); default the likeliest.")]
+    = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and explain.json.")] = Path("explain"),
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Attention maps and token saliency for a text: attention.png, attention_grid.png, saliency.png, JSON."""
+    from flashlm.explain import save_explanation
+    from flashlm.model.transformer import FlashLM
+    from flashlm.tokenizer import Tokenizer
+
+    model = FlashLM.from_pretrained(model_dir, device=device)
+    paths = save_explanation(model, Tokenizer.load(model_dir), text, out, layer=layer, head=head, target=target)
+    for path in paths.values():
+        typer.echo(str(path))
+
+
+# ---- masked LM ---------------------------------------------------------------------------------
+def _next_token(model_dir: Path, flag: bool | None) -> bool:
+    """The masked-prediction convention: the flag, else the checkpoint's training config, else next-token."""
+    from flashlm.evaluate.masked import trained_next_token
+
+    return trained_next_token(model_dir) if flag is None else flag
+
+
+def _masked_seq_len(model_dir: Path, model, seq_len: int | None) -> int:
+    """--seq-len, else the checkpoint's train.seq_len, else 128 (never past the model's context)."""
+    from flashlm.evaluate.masked import training_config
+
+    trained = training_config(model_dir).get("seq_len")
+    return min(seq_len or (trained if isinstance(trained, int) else 128), model.cfg.max_seq_len)
+
+
+_CONVENTION = typer.Option("--next-token/--in-place",
+                           help="Masked next-token (GPT-BERT) or in-place (BERT) prediction; default: "
+                                "what the checkpoint was trained with, else next-token.")
+
+
+@eval_app.command("mlm")
+def eval_mlm(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    data: Annotated[Path, typer.Argument(help="A token-shard directory (from `flashlm data prepare`).")],
+    split: Annotated[str, typer.Option(help="Held-out shard split.")] = "val",
+    seq_len: Annotated[int | None, typer.Option(help="Window length; default the training seq_len.")] = None,
+    windows: Annotated[int, typer.Option(help="Fixed windows to mask (evenly spaced).")] = 256,
+    rate: Annotated[float, typer.Option(help="Share of tokens masked.")] = 0.15,
+    next_token: Annotated[bool | None, _CONVENTION] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the masks.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+) -> None:
+    """Masked-token accuracy on fixed held-out windows (and a unigram baseline)."""
+    from flashlm.evaluate.masked import mlm_accuracy, open_split
+    from flashlm.evaluate.report import write_result
+
+    model, tokenizer = _eval_load(model_dir, device)
+    stream = open_split(data, tokenizer, split)
+    length = _masked_seq_len(model_dir, model, seq_len)
+    convention = _next_token(model_dir, next_token)
+    results = mlm_accuracy(model, stream, length, windows, rate=rate, next_token=convention, seed=seed)
+    settings = {"split": split, "seq_len": length, "windows": windows, "rate": rate, "seed": seed}
+    path = write_result(out, "mlm", results, model=str(model_dir), data=[data / f"{split}.bin"], seed=seed,
+                        settings=settings, scores={"mlm": results["mlm_acc"]})
+    _eval_echo("mlm", results, path, ("mlm_acc", "unigram_acc", "mlm_loss", "masked_tokens", "next_token"))
+
+
+@eval_app.command("nsp")
+def eval_nsp(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    data: Annotated[Path, typer.Argument(help="A token-shard directory (from `flashlm data prepare`).")],
+    split: Annotated[str, typer.Option(help="Held-out shard split.")] = "val",
+    seq_len: Annotated[int | None, typer.Option(help="Pair length; default the training seq_len.")] = None,
+    pairs: Annotated[int, typer.Option(help="Fixed <bos> A <sep> B <eos> pairs.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the pairs.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+) -> None:
+    """Next-sentence-prediction accuracy on fixed held-out pairs (half true continuations)."""
+    from flashlm.evaluate.masked import nsp_accuracy, open_split
+    from flashlm.evaluate.report import write_result
+
+    model, tokenizer = _eval_load(model_dir, device)
+    stream = open_split(data, tokenizer, split)
+    length = _masked_seq_len(model_dir, model, seq_len)
+    results = nsp_accuracy(model, stream, length, pairs, seed=seed)
+    settings = {"split": split, "seq_len": length, "pairs": pairs, "seed": seed}
+    path = write_result(out, "nsp", results, model=str(model_dir), data=[data / f"{split}.bin"], seed=seed,
+                        settings=settings, scores={"nsp": results["nsp_acc"]})
+    _eval_echo("nsp", results, path, ("nsp_acc", "positive_share", "pairs"))
+
+
+@app.command("fill-mask")
+def fill_mask_command(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    text: Annotated[str, typer.Argument(help="Text with one or more <mask>: \"The cat sat on the <mask>.\"")],
+    top_k: Annotated[int, typer.Option(min=1, help="Candidates per mask.")] = 5,
+    next_token: Annotated[bool | None, _CONVENTION] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+) -> None:
+    """Print the most likely tokens for each <mask> (bidirectional attention)."""
+    from flashlm.evaluate.masked import fill_mask
+
+    model, tokenizer = _eval_load(model_dir, device)
+    convention = _next_token(model_dir, next_token)
+    found = fill_mask(model, tokenizer, text, top_k, convention)
+    typer.echo(f"{'next-token' if convention else 'in-place'} masked prediction")
+    for i, candidates in enumerate(found, 1):
+        if len(found) > 1:
+            typer.echo(f"<mask> {i}:")
+        for text_, prob in candidates:
+            typer.echo(f"  {100 * prob:5.1f}%  {text_!r}")
 
 
 # ---- model info --------------------------------------------------------------------------------

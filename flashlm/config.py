@@ -1,4 +1,5 @@
-"""Configuration: ModelConfig (+ named presets), TrainConfig, RunConfig; YAML in/out, dotted overrides.
+"""Configuration: ModelConfig (+ named presets), TrainConfig, DistillConfig, RunConfig; YAML in/out,
+dotted overrides.
 
 Every invalid value raises `ConfigError` with one line naming the key, what is wrong and what to do.
 """
@@ -219,6 +220,8 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = False
     objective: str = "clm"  # a name in flashlm.train.objectives.OBJECTIVES
+    objectives: dict[str, Any] = field(default_factory=dict)  # hybrid mix {term: {ratio, ...}}; train/mixing.py
+    masking: dict[str, Any] = field(default_factory=dict)  # masked-LM settings; see flashlm/train/mixing.py
     packed_attention: bool = False  # attention (and loss) never cross document boundaries
     val_data: str = ""  # shard directory for evaluation; default: the "val" split of `data`
     tokenizer: str = ""  # tokenizer.json copied into checkpoints; default: the one in `data`
@@ -246,14 +249,88 @@ class TrainConfig:
              f"must be auto, cpu or cuda, got {self.device!r}")
         need(isinstance(self.resume, (bool, str)), "resume",
              f"must be true, false or a checkpoint path, got {self.resume!r}")
+        from flashlm.train.mixing import check_objective_settings
+
+        check_objective_settings(self)
+
+
+# ---- distillation -------------------------------------------------------------------------------
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation")
+DIVERGENCE_ALIASES = {"kl": "forward_kl", "fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "generalized_jsd",
+                      "tvd": "total_variation"}
 
 
 @dataclass
+class DistillConfig:
+    """The optional `distill:` section: train the model as a student of a teacher (flashlm.train.distill).
+
+    loss = alpha·(the objective's loss on hard labels) + (1 − alpha)·T²·D(teacher_T ‖ student_T)
+           [+ hidden_weight·hidden-state loss] [+ attention_weight·last-layer attention transfer]
+    """
+
+    teacher: str = ""  # FlashLM checkpoint dir, local HF causal-LM dir, or a `flashlm distill cache` dir
+    cache: str = ""  # train from a top-k cache in this dir; built from `teacher` over train.data if missing
+    top_k: int = 64  # ids kept per position when `cache` is built
+    alpha: float = 0.5  # weight of the hard-label loss; the KD term gets 1 − alpha
+    temperature: float = 1.0
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | generalized_jsd | total_variation
+    beta: float = 0.5  # generalised JSD interpolation, in (0, 1)
+    hidden_weight: float = 0.0  # hidden-state loss weight (0: off); needs an online teacher
+    hidden_loss: str = "cosine"  # cosine | mse (through a learned projection when widths differ)
+    layer_map: list[int] | None = None  # teacher block per student block (0-based); default uniform
+    attention_weight: float = 0.0  # last-layer attention transfer weight (0: off); online teacher
+    student_init: str = "scratch"  # scratch | teacher (every k-th teacher layer; widths must match)
+
+    def __post_init__(self) -> None:
+        self.divergence = DIVERGENCE_ALIASES.get(self.divergence, self.divergence)
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"distill.{key}: {msg}")
+
+        need(isinstance(self.teacher, str) and isinstance(self.cache, str), "teacher",
+             "teacher and cache must be paths (strings)")
+        need(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k > 0, "top_k",
+             f"must be a positive integer, got {self.top_k!r}")
+        need(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        need(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+        need(self.divergence in DIVERGENCES, "divergence",
+             f"must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        need(0.0 < self.beta < 1.0, "beta", f"must be strictly between 0 and 1, got {self.beta}")
+        need(self.hidden_weight >= 0, "hidden_weight", f"must be >= 0, got {self.hidden_weight}")
+        need(self.attention_weight >= 0, "attention_weight", f"must be >= 0, got {self.attention_weight}")
+        need(self.hidden_loss in ("cosine", "mse"), "hidden_loss",
+             f"must be cosine or mse, got {self.hidden_loss!r}")
+        need(self.layer_map is None or (isinstance(self.layer_map, (list, tuple)) and all(
+             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layer_map)), "layer_map",
+             f"must be a list of teacher block indices (0-based) or null, got {self.layer_map!r}")
+        need(self.student_init in ("scratch", "teacher"), "student_init",
+             f"must be scratch or teacher, got {self.student_init!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layer_map"] = None if self.layer_map is None else list(self.layer_map)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"distill: must be a mapping of settings (teacher, alpha, ...), got {data!r}")
+        _check_keys(cls, data, "distill")
+        cfg = cls(**_coerce(cls, data, "distill"))
+        cfg.validate()
+        return cfg
+
+
+# ---- a whole recipe -----------------------------------------------------------------------------
+@dataclass
 class RunConfig:
-    """A whole recipe: what `configs/*.yaml` holds."""
+    """A whole recipe: what `configs/*.yaml` holds (`distill` only in distillation recipes)."""
 
     model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig | None = None
 
     def validate(self) -> None:
         self.model.validate()
@@ -261,10 +338,17 @@ class RunConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len")
+        if self.distill is not None:
+            self.distill.validate()
+            if not self.distill.teacher and not self.distill.cache:
+                raise ConfigError("distill.teacher: not set; point it at a FlashLM checkpoint, a local "
+                                  "transformers model dir or a `flashlm distill cache` dir")
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model.to_dict(), "train": asdict(self.train)}
         out["train"]["betas"] = list(self.train.betas)
+        if self.distill is not None:
+            out["distill"] = self.distill.to_dict()
         return out
 
     @classmethod
@@ -276,7 +360,8 @@ class RunConfig:
         train_data = dict(data.get("train") or {})
         _check_keys(TrainConfig, train_data, "train")
         train = TrainConfig(**_coerce(TrainConfig, train_data, "train"))
-        cfg = cls(model=model, train=train)
+        distill = None if data.get("distill") is None else DistillConfig.from_dict(data["distill"])
+        cfg = cls(model=model, train=train, distill=distill)
         cfg.validate()
         return cfg
 

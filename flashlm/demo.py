@@ -39,13 +39,17 @@ def model_config(vocab_size: int, student: bool = False):
     return replace(base, vocab_size=vocab_size, max_seq_len=256, sliding_window=64)
 
 
-def train_config(shards: Path, out: Path, steps: int, seed: int) -> TrainConfig:
+HYBRID = {"clm": {"ratio": 1}, "mlm": {"ratio": 3, "nsp_weight": 0.5}}  # 1 causal : 3 masked(+NSP) steps
+MASKING = {"rate": 0.3, "rate_end": 0.15, "max_span": 3}
+
+
+def train_config(shards: Path, out: Path, steps: int, seed: int, hybrid: bool) -> TrainConfig:
     tokenizer = shards.parent / "tokenizer" / "tokenizer.json"
+    mix = dict(objective="hybrid", objectives=HYBRID, masking=MASKING) if hybrid else dict(objective="clm")
     return TrainConfig(data=str(shards), out=str(out), tokenizer=str(tokenizer), steps=steps, batch_size=16,
-                       seq_len=128, lr=3e-3,
-                       warmup_steps=min(50, max(steps // 10, 1)), eval_every=max(steps // 4, 1),
-                       eval_batches=16, save_every=steps, keep_last=1, log_every=max(min(10, steps // 20), 1),
-                       seed=seed, device="cpu" if not torch.cuda.is_available() else "auto")
+                       seq_len=128, lr=3e-3, warmup_steps=min(50, max(steps // 10, 1)),
+                       eval_every=max(steps // 4, 1), eval_batches=16, save_every=steps, keep_last=1,
+                       log_every=max(min(10, steps // 20), 1), seed=seed, **mix)
 
 
 def seconds_per_step(cfg: RunConfig) -> float:
@@ -87,7 +91,7 @@ def prepare(out: Path, data: list[str] | None, seed: int, vocab_size: int) -> tu
 
     stage = Stage("data")
     began = time.perf_counter()
-    inputs: Any = data or str(write_story_corpus(out / "corpus.txt", n_docs=30_000, seed=seed))
+    inputs: Any = data or str(write_story_corpus(out / "corpus.txt", n_docs=8_000, seed=seed))
     tokenizer = Tokenizer.train(inputs, vocab_size=vocab_size, show_progress=False)
     tokenizer.save(out / "tokenizer")
     meta = prepare_shards(inputs, tokenizer, out / "shards", val_fraction=0.02, progress=False)
@@ -105,16 +109,45 @@ def len_of(shards: Path, split: str) -> int:
 
 
 def pretrain(shards: Path, out: Path, vocab_size: int, seconds: float, seed: int) -> Stage:
+    """The teacher: the Flash-Lite hybrid (causal + masked next-token + NSP) on the tiny preset."""
     from flashlm.train.loop import train
 
-    stage = Stage("pre-train")
+    stage = Stage("pre-train (hybrid)")
     began = time.perf_counter()
-    cfg = RunConfig(model=model_config(vocab_size), train=train_config(shards, out, 100, seed))
-    cfg.train = train_config(shards, out, budget_steps(cfg, seconds), seed)
+    cfg = RunConfig(model=model_config(vocab_size), train=train_config(shards, out, 100, seed, hybrid=True))
+    cfg.train = train_config(shards, out, budget_steps(cfg, seconds), seed, hybrid=True)
+    summary = train(cfg, callback=time_guard(seconds * 1.25))
+    stage.results = summarise(summary, cfg)
+    stage.results.update(masked_scores(stage.results["checkpoint"], shards))
+    stage.seconds = time.perf_counter() - began
+    return stage
+
+
+def distill(shards: Path, out: Path, teacher_dir: str, vocab_size: int, seconds: float, seed: int) -> Stage:
+    """A student about a third of the teacher's size, distilled from it (causal LM + forward KL)."""
+    from flashlm.config import DistillConfig
+    from flashlm.train.loop import train
+
+    stage = Stage("distill student")
+    began = time.perf_counter()
+    cfg = RunConfig(model=model_config(vocab_size, student=True),
+                    train=train_config(shards, out, 100, seed, hybrid=False),
+                    distill=DistillConfig(teacher=teacher_dir, alpha=0.3, temperature=1.0))
+    # a distillation step also runs the teacher's forward pass: about 2x a plain step on a CPU
+    cfg.train = train_config(shards, out, max(budget_steps(cfg, seconds) // 2, 20), seed, hybrid=False)
     summary = train(cfg, callback=time_guard(seconds * 1.25))
     stage.results = summarise(summary, cfg)
     stage.seconds = time.perf_counter() - began
     return stage
+
+
+def masked_scores(model_dir: str, shards: Path) -> dict[str, float]:
+    """Held-out masked-token and next-sentence accuracy of a checkpoint."""
+    from flashlm.evaluate.masked import masked_metrics
+    from flashlm.model.transformer import FlashLM
+
+    scores = masked_metrics(FlashLM.from_pretrained(model_dir), shards, windows=128, pairs=256)
+    return {"mlm_acc": scores["mlm_acc"], "nsp_acc": scores["nsp_acc"], "unigram_acc": scores["unigram_acc"]}
 
 
 def summarise(summary: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
@@ -158,7 +191,7 @@ def write_report(out: Path, stages: list[Stage], sample_texts: list[str]) -> Pat
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in s.results.items() if k != "samples")
         lines.append(f"| {s.name} | {s.seconds:.0f} | {shown} |")
     lines += ["", "## Samples", ""] + [f"- {t}" for t in sample_texts]
-    lines += ["", "## Loss curves", "", "![teacher](teacher/loss.png)", ""]
+    lines += ["", "## Loss curves", "", "![teacher](teacher/loss.png)", "", "![student](student/loss.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps([s.__dict__ for s in stages], indent=2, default=str))
@@ -179,10 +212,11 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, data: list[str
     tokenizer, shards, data_stage = prepare(out, data, seed, vocab_size=4096)
     console.print(f"data ready in {data_stage.seconds:.0f}s: {data_stage.results}")
     remaining = budget - data_stage.seconds
-    teacher = pretrain(shards, out / "teacher", tokenizer.vocab_size, remaining * 0.8, seed)
+    teacher = pretrain(shards, out / "teacher", tokenizer.vocab_size, remaining * 0.55, seed)
+    student = distill(shards, out / "student", teacher.results["checkpoint"], tokenizer.vocab_size,
+                      remaining * 0.3, seed)
     texts = samples(teacher.results["checkpoint"], seed)
-    teacher.results["samples"] = texts
-    stages = [data_stage, teacher]
+    stages = [data_stage, teacher, student]
     console.print(summary_table(stages))
     for t in texts:
         console.print(f"  [italic]{t}[/]")

@@ -321,7 +321,7 @@ def test_cache_round_trips(tmp_path, tok):
     teacher, tokens = D.OnlineTeacher(model, vocab=D.vocab_of(tok)), _stream(tok.vocab_size)
     k, seq_len = 8, 32
     cache = D.build_logit_cache(teacher, tokens, tmp_path / "c", top_k=k, seq_len=seq_len, batch_size=4,
-                                progress=False)
+                                progress=False, stride=seq_len)  # consecutive windows
     assert len(cache) == len(tokens) and cache.bytes_per_token == k * 4 and cache.ids.dtype == np.uint16
     assert cache.meta["tokenizer_fingerprint"] == D.vocab_fingerprint(D.vocab_of(tok))
     with torch.no_grad():
@@ -340,9 +340,30 @@ def test_cache_round_trips(tmp_path, tok):
         cache.lookup(np.array([990]), 20)
 
 
+def test_overlapping_cache_windows_give_every_position_its_context(tmp_path, tok):
+    model = tiny_model(tok.vocab_size)
+    teacher, tokens = D.OnlineTeacher(model), _stream(tok.vocab_size, 203)
+    seq_len, stride, k = 32, 8, 5
+    cache = D.build_logit_cache(teacher, tokens, tmp_path / "c", top_k=k, seq_len=seq_len, batch_size=3,
+                                progress=False)
+    assert cache.stride == seq_len // 2 == 16
+    cache = D.build_logit_cache(teacher, tokens, tmp_path / "s", top_k=k, seq_len=seq_len, batch_size=3,
+                                progress=False, stride=stride)
+    assert cache.stride == stride
+    with torch.no_grad():
+        for i in (0, 7, 8, 30, 31, 100, 202):  # read by the window ending with i's block: >= 24 tokens before it
+            block = i - i % stride
+            lo = max(0, block + stride - seq_len)
+            window = torch.from_numpy(tokens[lo : min(block + stride, len(tokens))].astype(np.int64))[None]
+            values, ids = model(window).logits.float().log_softmax(-1)[0, i - lo].topk(k)
+            np.testing.assert_array_equal(cache.ids[i], ids.numpy())
+            np.testing.assert_allclose(cache.logprobs[i].astype(np.float32), values.half().float().numpy(),
+                                       rtol=0, atol=1e-3)
+
+
 def test_cache_resume_after_interruption_is_identical(tmp_path, tok):
     teacher, tokens = D.OnlineTeacher(tiny_model(tok.vocab_size)), _stream(tok.vocab_size)
-    args = dict(top_k=6, seq_len=16, batch_size=3, progress=False)
+    args = dict(top_k=6, seq_len=16, batch_size=3, progress=False, stride=16)
     D.build_logit_cache(teacher, tokens, tmp_path / "whole", **args)
     with pytest.raises(KeyboardInterrupt):
         D.build_logit_cache(_Interrupting(teacher, 5), tokens, tmp_path / "resumed", **args)
@@ -367,7 +388,7 @@ def test_cached_teacher_objective_matches_online_on_aligned_windows(tmp_path, to
     model.save_pretrained(tmp_path / "teacher", tok)
     online = D.load_teacher(tmp_path / "teacher", device="cpu", student_tokenizer=tok)
     D.build_logit_cache(online, tmp_path / "shards", tmp_path / "cache", top_k=tok.vocab_size, seq_len=16,
-                        progress=False)
+                        progress=False, stride=16)
     cached = D.load_teacher(tmp_path / "cache", student_tokenizer=tok)
     assert isinstance(cached, D.CachedTeacher)
     student, cfg = tiny_model(tok.vocab_size, seed=5), D.DistillConfig(alpha=0.2, temperature=2.0)

@@ -148,9 +148,7 @@ def test_bleu_and_chrf():
 
 
 # ---- perplexity ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("n", "seq_len", "stride"), [(10, 4, 2), (10, 4, 4), (23, 8, 3), (3, 8, 8), (9, 8, 1)]
-)
+@pytest.mark.parametrize(("n", "seq_len", "stride"), [(10, 4, 2), (10, 4, 4), (23, 8, 3), (3, 8, 8), (9, 8, 1)])
 def test_sliding_windows_score_every_token_once_with_enough_context(n, seq_len, stride):
     ids = list(range(100, 100 + n))
     scored = []
@@ -203,9 +201,7 @@ def test_perplexity_does_not_depend_on_batch_size(tokenizer):
     texts = paragraphs(5)
     one = perplexity(model, tokenizer, texts, seq_len=24, stride=12, batch_size=1)
     four = perplexity(model, tokenizer, texts, seq_len=24, stride=12, batch_size=4)
-    assert one["tokens"] == four["tokens"] and one["bytes"] == four["bytes"] == sum(
-        len(t.encode()) for t in texts
-    )
+    assert one["tokens"] == four["tokens"] and one["bytes"] == four["bytes"] == sum(len(t.encode()) for t in texts)
     for key in ("loss", "ppl", "bpb"):
         assert four[key] == pytest.approx(one[key], rel=1e-6)
     assert one["ppl"] == pytest.approx(math.exp(one["loss"]))
@@ -270,9 +266,7 @@ def test_passkey_item_is_well_formed(depth):
     assert vocab.decode(ex.answer_ids) == "4 8 2 1 3"
     inputs, targets = ex.row()
     assert len(inputs) == len(targets) == 200
-    n_fill = (
-        len(ex.prompt_ids) - 1 - len(needle) - len(vocab.encode(" What is the pass key? The pass key is"))
-    )
+    n_fill = len(ex.prompt_ids) - 1 - len(needle) - len(vocab.encode(" What is the pass key? The pass key is"))
     assert abs(ex.depth - depth) <= 6 / n_fill  # the nearest sentence boundary (sentences ≤ 6 tokens)
     assert (ex.needle_start - 1) / n_fill == pytest.approx(ex.depth)
     assert [y for y in targets if y != IGNORE] == ex.answer_ids
@@ -408,9 +402,7 @@ def test_results_and_report(tmp_path):
     assert record["data"][str(data)] == metrics_sha(data)
     assert {"torch", "flashlm", "python"} <= set(record["versions"])
     metrics_file = tmp_path / "metrics.jsonl"
-    metrics_file.write_text(
-        "\n".join(json.dumps({"step": s, "loss": 5 / s, "val_loss": 6 / s}) for s in (1, 2, 3))
-    )
+    metrics_file.write_text("\n".join(json.dumps({"step": s, "loss": 5 / s, "val_loss": 6 / s}) for s in (1, 2, 3)))
     report = write_report(results, metrics=metrics_file)
     text = report.read_text()
     assert "## Language modelling" in text and "## Long-range dependencies" in text

@@ -158,6 +158,16 @@ def test_objectives_plug_in(shards, tmp_path):
     custom = train(tiny_config(shards, tmp_path / "half", "train.steps=1"), objective=half)
     assert custom["history"][0]["loss"] == pytest.approx(0.5 * base["history"][0]["loss"], rel=1e-6)
     assert "half" in custom["history"][0] and "clm_acc" not in custom["history"][0]
-    learned = Objective("learned", half.make_batch, torch.nn.Linear(2, 2))
-    with pytest.raises(ConfigError, match="trainable parameters"):
-        train(tiny_config(shards, tmp_path / "learned", "train.steps=1"), objective=learned)
+    class Scaled(torch.nn.Module):  # a loss with a trainable parameter of its own: trained and checkpointed
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, model, batch):
+            loss, metrics = clm_loss(model, batch)
+            return self.scale * loss, metrics
+
+    learned = Objective("learned", half.make_batch, Scaled())
+    summary = train(tiny_config(shards, tmp_path / "learned", "train.steps=1"), objective=learned)
+    saved = torch.load(f"{summary['checkpoint']}/train_state.pt", weights_only=True)["objective"]["scale"]
+    assert learned.loss.scale.item() != 0.5 and saved.item() == learned.loss.scale.item()

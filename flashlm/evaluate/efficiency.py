@@ -138,9 +138,7 @@ def _token_times(model: Any, prompts: list[list[int]], new_tokens: int) -> list[
     return stamps
 
 
-def measure_batch(
-    model: Any, batch_size: int, prompt_len: int, new_tokens: int, seed: int = 0
-) -> dict[str, Any]:
+def measure_batch(model: Any, batch_size: int, prompt_len: int, new_tokens: int, seed: int = 0) -> dict[str, Any]:
     """Throughput, latency and memory of greedy generation for one batch size."""
     device = next(model.parameters()).device
     prompts = _prompts(model.cfg.vocab_size, batch_size, prompt_len, seed)
@@ -180,9 +178,7 @@ def efficiency(
         raise ConfigError(f"new_tokens must be at least 2 to time decoding, got {new_tokens}")
     cfg = model.cfg
     if new_tokens >= cfg.max_seq_len:
-        raise ConfigError(
-            f"new_tokens {new_tokens} leaves no room for a prompt in the context {cfg.max_seq_len}"
-        )
+        raise ConfigError(f"new_tokens {new_tokens} leaves no room for a prompt in the context {cfg.max_seq_len}")
     prompt_len = max(1, min(prompt_len, cfg.max_seq_len - new_tokens))
     model = model.to(device).eval() if device is not None else model.eval()
     first = next(model.parameters())

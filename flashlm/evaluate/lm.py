@@ -150,9 +150,7 @@ def read_texts(
     """Documents of text/JSONL/Parquet files (see `flashlm.data.corpus`); txt files split at blank lines."""
     from flashlm.data.corpus import iter_documents
 
-    return iter_documents(
-        list(paths) if isinstance(paths, (list, tuple)) else paths, txt_mode=txt_mode, field=field
-    )
+    return iter_documents(list(paths) if isinstance(paths, (list, tuple)) else paths, txt_mode=txt_mode, field=field)
 
 
 # ---- cloze (LAMBADA format) ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from flashlm.config import ModelConfig, replace
 from flashlm.errors import ConfigError
@@ -96,8 +97,7 @@ def passkey_example(tok: Any, length: int, depth: float, key: int) -> PasskeyExa
     n_fill = length + 1 - len(answer) - 1 - len(needle) - len(question)
     if n_fill < 0:
         raise ConfigError(
-            f"passkey length {length} is too short: the needle and question alone take "
-            f"{length - n_fill} tokens"
+            f"passkey length {length} is too short: the needle and question alone take {length - n_fill} tokens"
         )
     filler, bounds = _filler(tok, n_fill)
     cut = min(bounds, key=lambda b: abs(b - depth * n_fill))
@@ -172,11 +172,7 @@ def _passkey_cell(
     batch_size: int,
 ) -> float:
     rows = [passkey_example(tok, length, depth, random_key(rng, digits)).row() for _ in range(samples)]
-    hits = sum(
-        s.all_correct
-        for batch in batched(rows, batch_size)
-        for s in score_rows(model, batch, tok.pad_id or 0)
-    )
+    hits = sum(s.all_correct for batch in batched(rows, batch_size) for s in score_rows(model, batch, tok.pad_id or 0))
     return hits / samples
 
 
@@ -197,9 +193,7 @@ def mqar_example(rng: random.Random, vocab_size: int, seq_len: int, n_pairs: int
 
 def _check_mqar(vocab_size: int, seq_len: int, n_pairs: int) -> None:
     if n_pairs < 1 or n_pairs > vocab_size // 2 - 1:
-        raise ConfigError(
-            f"MQAR needs 1 <= n_pairs <= vocab_size/2 - 1 = {vocab_size // 2 - 1}, got {n_pairs}"
-        )
+        raise ConfigError(f"MQAR needs 1 <= n_pairs <= vocab_size/2 - 1 = {vocab_size // 2 - 1}, got {n_pairs}")
     if seq_len < 4 * n_pairs:
         raise ConfigError(f"MQAR seq_len {seq_len} is too short for {n_pairs} pairs (needs {4 * n_pairs})")
 
@@ -229,9 +223,7 @@ def mqar_accuracy(
         rows = [mqar_example(rng, vocab_size, seq_len, n_pairs) for _ in range(samples)]
         scores = [s for batch in batched(rows, batch_size) for s in score_rows(model, batch)]
         correct, total = sum(s.correct for s in scores), sum(s.tokens for s in scores)
-        rows_out.append(
-            {"seq_len": seq_len, "n_pairs": n_pairs, "accuracy": correct / total, "queries": total}
-        )
+        rows_out.append({"seq_len": seq_len, "n_pairs": n_pairs, "accuracy": correct / total, "queries": total})
     return {
         "vocab_size": vocab_size,
         "settings": rows_out,
@@ -240,13 +232,9 @@ def mqar_accuracy(
 
 
 # ---- KV-cache size by layer pattern --------------------------------------------------------------
-def kv_cache_bytes(
-    cfg: ModelConfig, context: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16
-) -> int:
+def kv_cache_bytes(cfg: ModelConfig, context: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of keys and values for `context` tokens: local layers hold min(window, context) entries."""
-    entries = sum(
-        min(cfg.sliding_window, context) if kind == "local" else context for kind in cfg.layer_types
-    )
+    entries = sum(min(cfg.sliding_window, context) if kind == "local" else context for kind in cfg.layer_types)
     element = torch.empty((), dtype=dtype).element_size()
     return batch_size * entries * 2 * cfg.n_kv_heads * cfg.head_dim * element
 
@@ -273,26 +261,400 @@ def kv_cache_comparison(
         variant = replace(cfg, layer_pattern=pattern, max_seq_len=max(cfg.max_seq_len, cfg.sliding_window))
         for context in contexts:
             total = kv_cache_bytes(variant, context, 1, dtype)
-            rows.append(
-                {"pattern": pattern, "context": context, "bytes": total, "bytes_per_token": total / context}
-            )
+            rows.append({"pattern": pattern, "context": context, "bytes": total, "bytes_per_token": total / context})
     return rows
+
+
+# ---- training small models on the tasks ---------------------------------------------------------
+@dataclass
+class TaskBatch:
+    """Inputs [B, T] and targets (IGNORE except at the answers) of a synthetic-task batch."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        return TaskBatch(self.inputs.to(device), self.targets.to(device))
+
+
+def answer_loss(model: Any, batch: TaskBatch) -> torch.Tensor:
+    """Mean cross-entropy at the scored positions; logits only there."""
+    out = model(batch.inputs, compute_logits=False)
+    keep = batch.targets != IGNORE
+    return F.cross_entropy(model.logits(out.hidden[keep]).float(), batch.targets[keep])
+
+
+@dataclass(frozen=True)
+class PasskeySpec:
+    """A passkey training item, built when batched: `length` tokens wide, needle at `depth`."""
+
+    length: int
+    depth: float
+    key: int
+
+
+@dataclass(frozen=True)
+class MQARSpec:
+    """An MQAR training item, built when batched from its own `seed`."""
+
+    length: int
+    n_pairs: int
+    seed: int
+
+
+def passkey_items(rng: random.Random, n: int, min_len: int, max_len: int, digits: int = 5) -> list[PasskeySpec]:
+    """`n` passkey items, lengths uniform in [min_len, max_len] and depths uniform in [0, 1]."""
+    return [PasskeySpec(rng.randint(min_len, max_len), rng.random(), random_key(rng, digits)) for _ in range(n)]
+
+
+def collate_passkey(tok: Any) -> Any:
+    """A collate function building `PasskeySpec` items into a right-padded `TaskBatch`."""
+
+    def build(items: Sequence[PasskeySpec]) -> TaskBatch:
+        rows = [passkey_example(tok, s.length, s.depth, s.key).row() for s in items]
+        return TaskBatch(*collate(rows, tok.pad_id or 0))
+
+    return build
+
+
+def mqar_items(
+    rng: random.Random,
+    n: int,
+    lengths: Sequence[int],
+    vocab_size: int,
+    max_pairs_ratio: float = 1 / 8,
+    min_pairs: int = 2,
+) -> list[MQARSpec]:
+    """`n` MQAR items: a length from `lengths`, pairs uniform in [min_pairs, length · max_pairs_ratio]
+    (at most vocab_size/2 - 1, the number of distinct keys)."""
+    cap = vocab_size // 2 - 1
+    items = []
+    for _ in range(n):
+        length = rng.choice(list(lengths))
+        high = min(cap, max(min_pairs, int(length * min(max_pairs_ratio, 0.25))))
+        items.append(MQARSpec(length, rng.randint(min(min_pairs, high), high), rng.getrandbits(32)))
+    return items
+
+
+def collate_mqar(vocab_size: int) -> Any:
+    """A collate function building `MQARSpec` items into a `TaskBatch`."""
+
+    def build(items: Sequence[MQARSpec]) -> TaskBatch:
+        rows = [mqar_example(random.Random(s.seed), vocab_size, s.length, s.n_pairs) for s in items]
+        return TaskBatch(*collate(rows))
+
+    return build
+
+
+@dataclass
+class LongRangeConfig:
+    """Models, data and budgets of `run_longrange`: per layer pattern, one passkey and one MQAR model.
+
+    The first pattern is the default local/global layout (Gemma's 5:1 "LLLLLG" needs 6 layers; these
+    models have 2, so "LG": a local layer, then a global one), compared with all-global "G". What makes
+    the local/global models learn fast and extrapolate (measured, see docs/benchmarks.md):
+
+    - a very small window (4): a local layer can then only look at the last few tokens, so the
+      previous-token step of an induction head is nearly free to learn, and it behaves identically at
+      any length; with a window of 32 (or all-global layers) MQAR sat on its plateau for 600+ steps;
+    - global layers with an effectively infinite RoPE base (1e30: every rotary frequency but the first
+      turns by < 0.2 rad over 1k tokens, i.e. almost NoPE, as Llama 4's iRoPE global layers): content
+      lookup then does not depend on distance: passkey 100% at 4x the training length, against 42%
+      with the model default base 1e6 (and MQAR at 2x the training length 100% against 98.4%);
+    - init_std 0.1 instead of 0.02: the plateau before induction forms is much shorter;
+    - training rows of varied lengths up to `train_len`, needle at a uniform depth.
+
+    Training stops at `steps` or when the run's share of `minutes` is spent, whichever comes first.
+    """
+
+    patterns: tuple[str, ...] = ("LG", "G")
+    n_layers: int = 2  # 3 ("LLG") learned passkey as well but sat on the MQAR plateau for 600 steps
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    sliding_window: int = 4
+    rope_base_global: float = 1e30
+    init_std: float = 0.1
+    # passkey: PasskeyVocab, trained on lengths uniform in [min_train_len, train_len]
+    train_len: int = 256
+    min_train_len: int = 48
+    passkey_steps: int = 600
+    digits: int = 5
+    length_multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_samples: int = 10
+    # MQAR: trained on `mqar_train_lengths` with up to length/8 pairs
+    mqar_vocab: int = 128  # keys 1-63, values 64-127 (Zoology uses 8192; 512 did not learn in 500 steps here)
+    mqar_train_lengths: tuple[int, ...] = (64, 128, 256)
+    mqar_pairs_ratio: float = 1 / 8
+    mqar_steps: int = 600
+    mqar_settings: tuple[tuple[int, int], ...] = ((256, 16), (512, 32))
+    mqar_samples: int = 32
+    # optimisation
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    minutes: float | None = None  # total training budget, shared evenly by the runs
+    kv_contexts: tuple[int, ...] = (2048, 8192, 32768)
+    seed: int = 0
+    progress: bool = False
+    # torch CPU threads while training/scoring (restored after): these models are too small to gain
+    # from more, and on a busy 2-CPU machine 2 threads ran 20x slower than 1; None keeps the setting
+    threads: int | None = 1
+
+    @classmethod
+    def from_names(cls, names: Sequence[str], **changes: Any) -> LongRangeConfig:
+        """A config whose patterns are given by name ("default", "global" or L/G strings)."""
+        layers = changes.get("n_layers", cls.n_layers)
+        return cls(patterns=tuple(resolve_pattern(n, layers) for n in names if n.strip()), **changes)
+
+    @property
+    def passkey_lengths(self) -> list[int]:
+        """Scored lengths: the multiples of the training length not shorter than `min_train_len`."""
+        lengths = (int(round(m * self.train_len)) for m in self.length_multiples)
+        return sorted({n for n in lengths if n >= self.min_train_len})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_train_len <= self.train_len:
+            raise ConfigError(
+                f"longrange: min_train_len {self.min_train_len} must be in [1, train_len={self.train_len}]"
+            )
+
+    def model_config(self, pattern: str, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            d_ff=2 * self.d_model,
+            layer_pattern=pattern,
+            sliding_window=self.sliding_window,
+            rope_base_global=self.rope_base_global,
+            init_std=self.init_std,
+            max_seq_len=max(self.passkey_lengths + [s for s, _ in self.mqar_settings] + [self.sliding_window]),
+        )
+
+    def finetune_config(self, steps: int, runs: int) -> Any:
+        from flashlm.train.finetune import FinetuneConfig
+
+        return FinetuneConfig(
+            epochs=1.0,
+            max_steps=steps,
+            max_minutes=self.minutes / runs if self.minutes else None,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            weight_decay=0.0,
+            bucket=8,
+            seed=self.seed,
+            log_every=25,
+            progress=self.progress,
+        )
+
+
+def train_passkey(pattern: str, cfg: LongRangeConfig, runs: int = 1) -> tuple[Any, dict[str, Any]]:
+    """A fresh model with `pattern` trained on passkey items; (model, fit summary)."""
+    from flashlm.model.transformer import FlashLM
+    from flashlm.train.finetune import fit
+
+    vocab = PasskeyVocab()
+    torch.manual_seed(cfg.seed)
+    model = FlashLM(cfg.model_config(pattern, vocab.vocab_size))
+    rng = random.Random(cfg.seed)
+    items = passkey_items(rng, cfg.passkey_steps * cfg.batch_size, cfg.min_train_len, cfg.train_len, cfg.digits)
+    ft = cfg.finetune_config(cfg.passkey_steps, runs)
+    return model, fit(model, items, collate_passkey(vocab), answer_loss, ft, [i.length for i in items])
+
+
+def train_mqar(pattern: str, cfg: LongRangeConfig, runs: int = 1) -> tuple[Any, dict[str, Any]]:
+    """A fresh model with `pattern` trained on MQAR items; (model, fit summary)."""
+    from flashlm.model.transformer import FlashLM
+    from flashlm.train.finetune import fit
+
+    torch.manual_seed(cfg.seed + 1)
+    model = FlashLM(cfg.model_config(pattern, cfg.mqar_vocab))
+    rng = random.Random(cfg.seed + 1)
+    items = mqar_items(
+        rng, cfg.mqar_steps * cfg.batch_size, cfg.mqar_train_lengths, cfg.mqar_vocab, cfg.mqar_pairs_ratio
+    )
+    ft = cfg.finetune_config(cfg.mqar_steps, runs)
+    return model, fit(model, items, collate_mqar(cfg.mqar_vocab), answer_loss, ft, [i.length for i in items])
+
+
+GOALS = {"passkey_train_len": 1.0, "passkey_4x": 0.9, "mqar": 0.99}
+REFERENCE_PRESET = "base"
+
+
+def run_longrange(cfg: LongRangeConfig | None = None, log: Any = None) -> dict[str, Any]:
+    """Train and score a passkey and an MQAR model per layer pattern; KV-cache bytes of each pattern.
+
+    `results["passkey"]` / `results["mqar"]` are the first (default) pattern's; `results["patterns"]`
+    holds every pattern's grids, training summaries and loss histories.
+    """
+    cfg = cfg or LongRangeConfig()
+    if not cfg.patterns:
+        raise ConfigError("longrange needs at least one layer pattern")
+    previous = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_longrange(cfg, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_longrange(cfg: LongRangeConfig, log: Any) -> dict[str, Any]:
+    import time
+
+    from flashlm.config import get_preset
+
+    say = log or (lambda message: None)
+    began = time.perf_counter()
+    runs = 2 * len(cfg.patterns)
+    vocab = PasskeyVocab()
+    entries = []
+    for pattern in cfg.patterns:
+        say(f"{pattern}: training a passkey model")
+        model, pk_train = train_passkey(pattern, cfg, runs)
+        pk_params = model.num_parameters()
+        passkey = passkey_accuracy(
+            model, vocab, cfg.passkey_lengths, cfg.depths, cfg.passkey_samples, cfg.seed + 2, cfg.digits
+        )
+        say(f"{pattern}: passkey by length {_by_length(passkey)}; training an MQAR model")
+        model, mq_train = train_mqar(pattern, cfg, runs)
+        mqar = mqar_accuracy(model, cfg.mqar_settings, cfg.mqar_vocab, cfg.mqar_samples, cfg.seed + 3)
+        say(f"{pattern}: MQAR {[round(s['accuracy'], 4) for s in mqar['settings']]}")
+        entries.append(
+            {
+                "pattern": pattern,
+                "passkey": passkey,
+                "passkey_by_length": _by_length(passkey),
+                "mqar": mqar,
+                "train": {"passkey": _summary(pk_train), "mqar": _summary(mq_train)},
+                "loss_history": {"passkey": pk_train["history"], "mqar": mq_train["history"]},
+                "parameters": {"passkey": pk_params, "mqar": model.num_parameters()},
+            }
+        )
+    first = entries[0]
+    base_cfg = cfg.model_config(cfg.patterns[0], vocab.vocab_size)
+    reference = get_preset(REFERENCE_PRESET)
+    return {
+        "train_len": cfg.train_len,
+        "passkey": first["passkey"],
+        "mqar": first["mqar"],
+        "patterns": entries,
+        "kv_cache": kv_cache_comparison(base_cfg, cfg.kv_contexts, cfg.patterns),
+        "kv_cache_reference": {
+            "preset": REFERENCE_PRESET,
+            "rows": kv_cache_comparison(reference, cfg.kv_contexts, (reference.layer_pattern, "G")),
+        },
+        "goals": GOALS,
+        "summary": [_summary_row(e, cfg) for e in entries],
+        "train_seconds": sum(e["train"][t]["seconds"] for e in entries for t in ("passkey", "mqar")),
+        "total_seconds": time.perf_counter() - began,
+    }
+
+
+def _by_length(passkey: dict[str, Any]) -> dict[str, float]:
+    """Mean accuracy over depths for every length."""
+    return {str(n): sum(row) / len(row) for n, row in zip(passkey["lengths"], passkey["accuracy"], strict=True)}
+
+
+def _summary(train: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train.items() if k != "history"}
+
+
+def _summary_row(entry: dict[str, Any], cfg: LongRangeConfig) -> dict[str, Any]:
+    """Headline figures of one pattern: passkey at 1×, 2×, 4× the training length, MQAR settings."""
+    by_length = entry["passkey_by_length"]
+    row: dict[str, Any] = {"pattern": entry["pattern"]}
+    for multiple in (1, 2, 4):
+        key = str(multiple * cfg.train_len)
+        if key in by_length:
+            row[f"passkey_{multiple}x"] = by_length[key]
+    for s in entry["mqar"]["settings"]:
+        row[f"mqar_{s['seq_len']}_{s['n_pairs']}"] = s["accuracy"]
+    row["train_seconds"] = entry["train"]["passkey"]["seconds"] + entry["train"]["mqar"]["seconds"]
+    return row
+
+
+def longrange_scores(results: dict[str, Any]) -> dict[str, float]:
+    """Accuracy figures for the report chart: every headline figure of every pattern."""
+    scores = {}
+    for row in results.get("summary", []):
+        for key, value in row.items():
+            if key.startswith(("passkey_", "mqar_")):
+                scores[f"{key} {row['pattern']}"] = value
+    return scores
+
+
+def resolve_pattern(name: str, n_layers: int) -> str:
+    """ "default": the local/global layout for `n_layers` (Gemma's "LLLLLG" when 6 divides the depth, else
+    local layers then one global, e.g. "LLG"); "global": "G"; anything else is taken as a pattern."""
+    name = name.strip()
+    if name == "default":
+        return "LLLLLG" if n_layers % 6 == 0 else "L" * (n_layers - 1) + "G"
+    if name == "global":
+        return "G"
+    if not name or set(name) - {"L", "G"}:
+        raise ConfigError(f"layer pattern {name!r}: use 'default', 'global' or a string of L and G")
+    return name
+
+
+def write_longrange(
+    results_dir: Any, cfg: LongRangeConfig | None = None, log: Any = None
+) -> tuple[Any, dict[str, Any]]:
+    """Run `run_longrange` and write `results_dir/longrange.json` (+ .md); (path, results)."""
+    from dataclasses import asdict
+
+    from flashlm.evaluate.report import write_result
+
+    cfg = cfg or LongRangeConfig()
+    results = run_longrange(cfg, log)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "progress")}
+    path = write_result(
+        results_dir,
+        "longrange",
+        results,
+        model="small models trained on the synthetic tasks",
+        seed=cfg.seed,
+        settings=settings,
+        scores=longrange_scores(results),
+    )
+    return path, results
 
 
 __all__ = [
     "FILLER",
+    "GOALS",
     "NEEDLE",
     "QUESTION",
+    "LongRangeConfig",
+    "MQARSpec",
     "PasskeyExample",
+    "PasskeySpec",
     "PasskeyVocab",
+    "TaskBatch",
+    "answer_loss",
+    "collate_mqar",
+    "collate_passkey",
     "kv_cache_bytes",
     "kv_cache_bytes_per_token",
     "kv_cache_comparison",
+    "longrange_scores",
     "make_mqar_batch",
     "make_passkey_batch",
     "mqar_accuracy",
     "mqar_example",
+    "mqar_items",
     "passkey_accuracy",
     "passkey_example",
+    "passkey_items",
     "random_key",
+    "resolve_pattern",
+    "run_longrange",
+    "train_mqar",
+    "train_passkey",
+    "write_longrange",
 ]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from flashlm.errors import DataError
+from flashlm.errors import DataError, FlashLMError
 
 TASK_ORDER = ("ppl", "cloze", "babi", "squad", "translate", "longrange", "efficiency")
 TITLES = {
@@ -179,19 +179,51 @@ def _cloze(r: dict[str, Any]) -> str:
 
 def _longrange(r: dict[str, Any]) -> str:
     parts = []
-    if "passkey" in r:
-        p = r["passkey"]
-        rows = ([length, *accs] for length, accs in zip(p["lengths"], p["accuracy"], strict=True))
-        parts.append(
-            "Passkey accuracy (rows: length, columns: depth)\n\n"
-            + table(["length", *(f"{d:g}" for d in p["depths"])], rows)
-        )
-    if "mqar" in r:
-        rows = ((s["seq_len"], s["n_pairs"], s["accuracy"]) for s in r["mqar"]["settings"])
-        parts.append("MQAR\n\n" + table(("seq_len", "pairs", "accuracy"), rows))
+    if r.get("summary"):
+        parts.append(_longrange_summary(r))
+    entries = r.get("patterns") or [{"pattern": None, "passkey": r.get("passkey"), "mqar": r.get("mqar")}]
+    for entry in entries:
+        name = f" — pattern `{entry['pattern']}`" if entry.get("pattern") else ""
+        if entry.get("passkey"):
+            p = entry["passkey"]
+            rows = ([length, *accs] for length, accs in zip(p["lengths"], p["accuracy"], strict=True))
+            parts.append(
+                f"Passkey accuracy{name} (rows: length, columns: depth)\n\n"
+                + table(["length", *(f"{d:g}" for d in p["depths"])], rows)
+            )
+        if entry.get("mqar"):
+            rows = ((s["seq_len"], s["n_pairs"], s["accuracy"]) for s in entry["mqar"]["settings"])
+            parts.append(f"MQAR{name}\n\n" + table(("seq_len", "pairs", "accuracy"), rows))
     if "kv_cache" in r:
         parts.append(_kv_table(r["kv_cache"]))
+    if r.get("kv_cache_reference"):
+        ref = r["kv_cache_reference"]
+        parts.append(_kv_table(ref["rows"]).replace("pattern", f"pattern (preset `{ref['preset']}`)", 1))
     return "\n\n".join(parts)
+
+
+def _longrange_summary(r: dict[str, Any]) -> str:
+    """One row a pattern: passkey by length multiple, MQAR settings, KV bytes/token, training time."""
+    rows = r["summary"]
+    figures = [k for k in rows[0] if k.startswith(("passkey_", "mqar_"))]
+    kv = {(k["pattern"], k["context"]): k["bytes_per_token"] for k in r.get("kv_cache", [])}
+    contexts = sorted({c for _, c in kv})
+    header = ["pattern", *figures, *(f"KV B/token @{c // 1024}k" for c in contexts), "train s"]
+    body = (
+        [
+            row["pattern"],
+            *(row.get(f) for f in figures),
+            *(kv.get((row["pattern"], c)) for c in contexts),
+            row.get("train_seconds"),
+        ]
+        for row in rows
+    )
+    goals = r.get("goals", {})
+    note = (
+        f"Training length {r.get('train_len')}; goals: passkey {goals.get('passkey_train_len', 1.0):.0%} at the "
+        f"training length and ≥ {goals.get('passkey_4x', 0.9):.0%} at 4×, MQAR ≥ {goals.get('mqar', 0.99):.0%}."
+    )
+    return note + "\n\n" + table(header, body)
 
 
 def _kv_table(rows: list[dict[str, Any]]) -> str:
@@ -259,21 +291,55 @@ def plot_scores(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_passkey(passkey: dict[str, Any], path: Path) -> Path:
-    """Heat-map of passkey accuracy, context length × needle depth."""
+def plot_passkey(passkey: dict[str, Any] | Sequence[tuple[str, dict[str, Any]]], path: Path) -> Path:
+    """Heat-map of passkey accuracy, context length × needle depth; one panel per (title, grid) pair."""
+    panels = [("Passkey accuracy", passkey)] if isinstance(passkey, dict) else list(passkey)
+    first = panels[0][1]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.0 * len(passkey["depths"]) + 2, 0.6 * len(passkey["lengths"]) + 1.5))
-    im = ax.imshow(passkey["accuracy"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(passkey["depths"])), [f"{d:g}" for d in passkey["depths"]])
-    ax.set_yticks(range(len(passkey["lengths"])), [str(n) for n in passkey["lengths"]])
-    ax.set_xlabel("depth")
-    ax.set_ylabel("context length")
-    for i, row in enumerate(passkey["accuracy"]):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k")
-    fig.colorbar(im, ax=ax)
-    ax.set_title("Passkey accuracy")
+    width = (1.0 * len(first["depths"]) + 1.5) * len(panels) + 1
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 0.6 * len(first["lengths"]) + 1.8), squeeze=False)
+    for ax, (title, grid) in zip(axes[0], panels, strict=True):
+        im = ax.imshow(grid["accuracy"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(grid["depths"])), [f"{d:g}" for d in grid["depths"]])
+        ax.set_yticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
+        ax.set_xlabel("depth")
+        ax.set_ylabel("context length")
+        for i, row in enumerate(grid["accuracy"]):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k")
+        ax.set_title(title)
+    fig.colorbar(im, ax=list(axes[0]))
+    return _save(fig, path, tight=False)
+
+
+def plot_histories(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Fine-tuning loss curves stored in results: `loss_history` as [[step, loss], ...] or a dict of them
+    (long-range: per pattern and task)."""
+    series: dict[str, list] = {}
+    for r in records:
+        res = r.get("results", {})
+        if _is_history(res.get("loss_history")):
+            series[r["task"]] = res["loss_history"]
+        for entry in res.get("patterns", []) if isinstance(res.get("patterns"), list) else []:
+            for name, history in (entry.get("loss_history") or {}).items():
+                if _is_history(history):
+                    series[f"{name} {entry.get('pattern')}"] = history
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, history in series.items():
+        ax.plot([h[0] for h in history], [h[1] for h in history], marker=".", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_yscale("log")
+    ax.legend(fontsize="small")
+    ax.set_title("Task training curves")
     return _save(fig, path)
+
+
+def _is_history(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(h, (list, tuple)) and len(h) == 2 for h in value)
 
 
 def plot_losses(metrics_jsonl: str | os.PathLike, path: Path) -> Path | None:
@@ -302,20 +368,33 @@ def plot_losses(metrics_jsonl: str | os.PathLike, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, tight: bool = True) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
 # ---- the report ---------------------------------------------------------------------------------
+def _passkey_panels(records: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(title, grid) of every pattern of the first record with passkey results."""
+    for r in records:
+        res = r["results"]
+        if isinstance(res.get("patterns"), list) and res["patterns"]:
+            return [(f"Passkey, pattern {e['pattern']}", e["passkey"]) for e in res["patterns"] if e.get("passkey")]
+        if res.get("passkey"):
+            return [("Passkey accuracy", res["passkey"])]
+    return []
+
+
 def write_report(
     results_dir: str | os.PathLike,
     metrics: str | os.PathLike | None = None,
     title: str = "FlashLM evaluation report",
+    notes: Sequence[str] = (),
 ) -> Path:
     """Assemble every `<task>.json` in `results_dir` (+ plots) into `results_dir/report.md`."""
     directory = Path(results_dir)
@@ -325,15 +404,17 @@ def write_report(
     if metrics is not None and not Path(metrics).is_file():
         raise DataError(f"no metrics file {metrics}")
     plots = [plot_scores(records, directory / "accuracy.png")]
-    passkey = next((r["results"]["passkey"] for r in records if "passkey" in r["results"]), None)
+    passkey = _passkey_panels(records)
     plots.append(plot_passkey(passkey, directory / "passkey.png") if passkey else None)
     plots.append(plot_losses(metrics, directory / "loss.png") if metrics else None)
+    plots.append(plot_histories(records, directory / "task_loss.png"))
     lines = [
         f"# {title}",
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')}; python {sys.version.split()[0]}.",
         "",
     ]
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     lines += [f"![{p.stem}]({p.name})\n" for p in plots if p is not None]
     lines += [r.get("markdown") or section(r) for r in records]
     out = directory / "report.md"
@@ -341,11 +422,277 @@ def write_report(
     return out
 
 
+# ---- the whole report card ----------------------------------------------------------------------
+ALL_TASKS = ("ppl", "cloze", "efficiency", "longrange", "babi", "squad", "translate")
+# Quick mode: shares of the training minutes, and data limits of the fine-tuned tasks.
+QUICK_SHARES = {"longrange": 0.5, "babi": 0.2, "squad": 0.1, "translate": 0.2}
+QUICK_LIMITS = {
+    "ppl_documents": 200,
+    "babi_train": 100,
+    "babi_test": 20,
+    "squad_train": 300,
+    "squad_eval": 60,
+    "translate_train": 5000,
+    "translate_eval": 100,
+}
+
+
+def evaluate_all(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    texts: Sequence[str] | None = None,
+    quick: bool = True,
+    *,
+    data: Sequence[str | os.PathLike] = (),
+    cloze_file: str | os.PathLike | None = None,
+    minutes: float | None = None,
+    tasks: Sequence[str] | None = None,
+    threads: int | None = None,
+    device: str = "auto",
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Run every task that applies to the model in `model_dir` and write `out_dir/report.md`.
+
+    Perplexity on `texts` (strings) and `data` (files), cloze on `cloze_file`, efficiency, long-range
+    (its own small models), and, where their commands and data are present, bAbI, SQuAD (built from
+    bAbI stories) and Multi30k translation fine-tuned on copies of the model. `quick` uses small data
+    and a training budget of `minutes` (default 2.5) shared by the trained tasks; without it every
+    task uses its own defaults (`minutes`, when given, is still shared). Tasks that cannot run (no
+    data, no command) are listed in the report; the loss curves come from a `metrics.jsonl` in or
+    above `model_dir` when there is one. `threads` sets torch's CPU threads for the whole run (quick
+    default: 1, since on a busy 2-CPU machine two threads ran the small models 20x slower); the
+    previous setting is restored at the end.
+    """
+    import torch
+
+    say = log or (lambda message: None)
+    model_dir, out = Path(model_dir), Path(out_dir)
+    wanted = list(tasks) if tasks else list(ALL_TASKS)
+    unknown = set(wanted) - set(ALL_TASKS)
+    if unknown:
+        raise DataError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_TASKS)}")
+    if not (model_dir / "config.json").is_file():
+        raise DataError(f"{model_dir} is not a FlashLM model directory (no config.json)")
+    budget = minutes if minutes is not None else (2.5 if quick else None)
+    trained = sum(f for t, f in QUICK_SHARES.items() if t in wanted)
+    share = {t: budget * f / trained for t, f in QUICK_SHARES.items()} if budget and trained else {}
+    notes: list[str] = []
+    out.mkdir(parents=True, exist_ok=True)
+    previous = torch.get_num_threads()
+    threads = threads if threads is not None else (1 if quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _run_tasks(
+            wanted,
+            model_dir,
+            out,
+            quick,
+            share,
+            device,
+            threads,
+            notes,
+            {"texts": texts, "data": data, "cloze": cloze_file, "log": say},
+        )
+    finally:
+        torch.set_num_threads(previous)
+    metrics = _find_metrics(model_dir)
+    mode = ("quick" if quick else "full") + (f" (training budget {budget:g} min)" if budget else "")
+    return write_report(out, metrics, notes=[f"`flashlm eval all {model_dir}`, {mode}.", *notes])
+
+
+def _run_tasks(wanted, model_dir, out, quick, share, device, threads, notes, extra) -> None:
+    say = extra["log"]
+    for task in wanted:
+        began = time.perf_counter()
+        say(f"eval all: {task}")
+        try:
+            skipped = _RUNNERS[task](model_dir, out, quick, share.get(task), device, {**extra, "threads": threads})
+        except FlashLMError as exc:  # a user-level problem of one task (data, settings): note it, go on
+            skipped = f"failed: {exc}"
+        if skipped:
+            notes.append(f"`{task}` skipped: {skipped}")
+            say(f"eval all: {task} skipped ({skipped})")
+        else:
+            say(f"eval all: {task} done in {time.perf_counter() - began:.0f} s")
+
+
+def _find_metrics(model_dir: Path) -> Path | None:
+    for directory in (model_dir, *list(model_dir.resolve().parents)[:2]):
+        if (directory / "metrics.jsonl").is_file():
+            return directory / "metrics.jsonl"
+    return None
+
+
+def _load(model_dir: Path, device: str) -> tuple[Any, Any]:
+    import torch
+
+    from flashlm.model.transformer import FlashLM
+    from flashlm.tokenizer import Tokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return FlashLM.from_pretrained(model_dir, device=device).eval(), Tokenizer.load(model_dir)
+
+
+def _run_ppl(model_dir, out, quick, minutes, device, extra) -> str | None:
+    from flashlm.data.corpus import resolve_files
+    from flashlm.evaluate.lm import perplexity, read_texts
+
+    paths = resolve_files([str(p) for p in extra["data"]]) if extra["data"] else []
+    docs = list(extra["texts"] or []) + (list(read_texts(paths, "blank", "text")) if paths else [])
+    if not docs:
+        return "no --data files or texts given"
+    if quick:
+        docs = docs[: QUICK_LIMITS["ppl_documents"]]
+    model, tokenizer = _load(model_dir, device)
+    results = perplexity(model, tokenizer, docs)
+    settings = {"seq_len": results["seq_len"], "stride": results["stride"], "documents": len(docs), "quick": quick}
+    write_result(out, "ppl", results, model=str(model_dir), data=paths, settings=settings)
+    return None
+
+
+def _run_cloze(model_dir, out, quick, minutes, device, extra) -> str | None:
+    from flashlm.evaluate.lm import cloze
+
+    if not extra["cloze"]:
+        return "no --cloze file given"
+    path = Path(extra["cloze"])
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
+    model, tokenizer = _load(model_dir, device)
+    results = cloze(model, tokenizer, path.read_text(encoding="utf-8").splitlines())
+    write_result(out, "cloze", results, model=str(model_dir), data=[path], scores={"cloze": results["accuracy"]})
+    return None
+
+
+def _run_efficiency(model_dir, out, quick, minutes, device, extra) -> str | None:
+    from flashlm.evaluate.efficiency import efficiency
+
+    model, _ = _load(model_dir, device)
+    sizes, prompt_len, new_tokens = ((1, 8), 64, 16) if quick else ((1, 8), 128, 32)
+    dev = str(next(model.parameters()).device)
+    results = efficiency(model, sizes, prompt_len, new_tokens, dev)
+    settings = {"batch_sizes": list(sizes), "prompt_len": results["prompt_len"], "new_tokens": new_tokens}
+    write_result(out, "efficiency", results, model=str(model_dir), seed=0, settings=settings)
+    return None
+
+
+def _run_longrange(model_dir, out, quick, minutes, device, extra) -> str | None:
+    from dataclasses import replace
+
+    from flashlm.evaluate.longrange import LongRangeConfig, write_longrange
+
+    threads = {"threads": extra["threads"]} if extra["threads"] else {}  # else the task's own (1)
+    cfg = LongRangeConfig(minutes=minutes, **threads)
+    if quick:  # shorter passkey rows (scored up to 4x = 512) and fewer scored items
+        cfg = replace(cfg, train_len=128, passkey_samples=4, mqar_samples=8)
+    write_longrange(out, cfg, extra["log"])
+    return None
+
+
+def _cli(name: str) -> Any:
+    """The other tasks' CLI commands (they write their own results), or None where absent."""
+    try:
+        from flashlm import cli
+    except ImportError:  # pragma: no cover - the CLI always imports
+        return None
+    return getattr(cli, name, None)
+
+
+def _shared_data(name: str) -> Path | None:
+    here = Path(__file__).resolve().parents[3]
+    for base in (Path.cwd().parent, Path.cwd(), here):
+        if (base / "shared" / "data" / name).is_dir():
+            return base / "shared" / "data" / name
+    return None
+
+
+def _run_babi(model_dir, out, quick, minutes, device, extra) -> str | None:
+    command = _cli("eval_babi")
+    data = _babi_dir()
+    if command is None or data is None:
+        return "no `eval babi` command" if command is None else "no bAbI data (set $FLASHLM_BABI)"
+    limits = {"train_limit": QUICK_LIMITS["babi_train"], "test_limit": QUICK_LIMITS["babi_test"]} if quick else {}
+    command(model=model_dir, data=data, minutes=minutes, threads=extra["threads"], device=device, out=out, **limits)
+    return None
+
+
+def _babi_dir() -> Path | None:
+    try:
+        from flashlm.evaluate.babi import find_data
+    except ImportError:
+        return None
+    try:
+        return find_data(None)
+    except DataError:
+        return None
+
+
+def _run_squad(model_dir, out, quick, minutes, device, extra) -> str | None:
+    """SQuAD-format files built from bAbI task 1 stories (the answer is a word of the story)."""
+    command = _cli("eval_squad")
+    data = _babi_dir()
+    if command is None or data is None:
+        return "no `eval squad` command" if command is None else "no bAbI data to build SQuAD files from"
+    from flashlm.evaluate.babi import read_task
+    from flashlm.evaluate.squad import squad_from_babi
+
+    folder = out / "squad-from-babi"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, limit in (("train", QUICK_LIMITS["squad_train"]), ("test", QUICK_LIMITS["squad_eval"])):
+        questions = read_task(data, 1, split, limit if quick else None)
+        files[split] = folder / f"qa1_{split}.json"
+        _write_text(files[split], json.dumps(squad_from_babi(questions, f"qa1-{split}")))
+    command(
+        train=files["train"],
+        eval_file=files["test"],
+        model=model_dir,
+        minutes=minutes,
+        threads=extra["threads"],
+        device=device,
+        out=out,
+    )
+    return None
+
+
+def _run_translate(model_dir, out, quick, minutes, device, extra) -> str | None:
+    command = _cli("eval_translate")
+    data = _shared_data("multi30k")
+    if command is None or data is None:
+        return "no `eval translate` command" if command is None else "no Multi30k data (shared/data/multi30k)"
+    files = {
+        f"{split}_{side}": data / f"{name}.{lang}.gz"
+        for split, name in (("train", "train"), ("eval", "val"))
+        for side, lang in (("src", "en"), ("tgt", "de"))
+    }
+    limits = (
+        {"train_limit": QUICK_LIMITS["translate_train"], "eval_limit": QUICK_LIMITS["translate_eval"]} if quick else {}
+    )
+    command(**files, model=model_dir, minutes=minutes, threads=extra["threads"], device=device, out=out, **limits)
+    return None
+
+
+_RUNNERS: dict[str, Callable[..., str | None]] = {
+    "ppl": _run_ppl,
+    "cloze": _run_cloze,
+    "efficiency": _run_efficiency,
+    "longrange": _run_longrange,
+    "babi": _run_babi,
+    "squad": _run_squad,
+    "translate": _run_translate,
+}
+
+
 __all__ = [
     "SECTIONS",
     "TASK_ORDER",
+    "ALL_TASKS",
     "data_hashes",
+    "evaluate_all",
     "load_results",
+    "plot_histories",
     "plot_losses",
     "plot_passkey",
     "plot_scores",

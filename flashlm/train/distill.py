@@ -8,6 +8,13 @@ The loss on the positions an objective trains (``targets != IGNORE_INDEX``), in 
 with ``p_T = softmax(z/T)`` on both sides and D one of forward KL, reverse KL, generalised JSD(β) or
 total variation. The teacher is either full logits or a `TopK` pair (ids, log-probs) from a cache.
 
+**In the training loop** (`flashlm.train(cfg)` with a ``distill:`` section, see `DistillConfig` in
+flashlm.config): `distill_objective` wraps the run's own objective; its loss is the hard-label term, so the
+student can be distilled under CLM, masked LM / NSP or their hybrid (masked batches: the teacher sees the
+same corrupted input, bidirectionally). The hidden-state projection is trained and checkpointed with the
+student. ``student_init: teacher`` copies every k-th teacher layer before training. With the plain CLM
+objective at T = 1 the CE and D share one log-softmax, so a cached-teacher step costs about a CE step.
+
 **Top-k teachers and the missing mass.** The teacher is renormalised over its k ids at temperature T
 (``log_softmax(logprobs / T)`` over the k entries: exact for any T, because stored log-probs differ from
 logits by a per-position constant). The student keeps its full-vocabulary ``log_softmax`` gathered at those
@@ -25,12 +32,14 @@ rest is 0 after renormalisation). Per divergence:
 With k = vocab the rest is 0 and every top-k loss equals the full-logit loss.
 
 **The cache** (`build_logit_cache`, `LogitCache`) stores, for every position i of a token stream, the
-teacher's top-k prediction of token i + 1. The teacher reads the stream in consecutive non-overlapping
-windows of ``seq_len`` tokens, so position i was predicted from the tokens between its window's start and
-i. Training windows start at any offset s and read cache positions s … s + T − 1, so a student window sees
-a different left context than the teacher did (up to ``seq_len − 1`` tokens, possibly fewer than the
-student). That is the price of an any-offset cache (DistillKit-style offline distillation): the teacher's
-prediction is still a prediction of the same target token, only from its own context.
+teacher's top-k prediction of token i + 1. The teacher reads the stream in windows of ``seq_len`` tokens
+that advance by ``stride`` (default ``seq_len // 2``) and keeps the predictions of each window's last
+``stride`` positions, so every position (after the stream's first window) was predicted with at least
+``seq_len − stride`` tokens of context; ``stride = seq_len`` (consecutive windows) halves the cost but gives
+the first positions of each window almost no context. Training windows start at any offset s and read cache
+positions s … s + T − 1, so a student window sees a different left context than the teacher did. That is
+the price of an any-offset cache (DistillKit-style offline distillation): the teacher's prediction is still a
+prediction of the same target token, only from its own context.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,66 +60,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashlm.config import ModelConfig, TrainConfig, _check_keys, _coerce
+from flashlm.config import DIVERGENCE_ALIASES, DIVERGENCES, DistillConfig, ModelConfig, TrainConfig
 from flashlm.data.batches import IGNORE_INDEX
 from flashlm.errors import CheckpointError, ConfigError, DataError, FlashLMError
 from flashlm.model.transformer import FlashLM, LMOutput
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation")
-_ALIASES = {"kl": "forward_kl", "fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "generalized_jsd",
-            "tvd": "total_variation"}
+_ALIASES = DIVERGENCE_ALIASES
 CACHE_FORMAT, CACHE_VERSION = "flashlm-logit-cache", 1
 CACHE_META, CACHE_PROGRESS = "meta.json", "progress.json"
 CACHE_IDS, CACHE_LOGPROBS = "ids.bin", "logprobs.bin"
 TOKENIZER_FILE = "tokenizer.json"
-
-
-# ---- configuration ------------------------------------------------------------------------------
-@dataclass
-class DistillConfig:
-    """Distillation settings (the `distill:` section of a recipe)."""
-
-    teacher: str = ""  # FlashLM checkpoint dir, local HF causal-LM dir, or a logit-cache dir
-    alpha: float = 0.5  # weight of CE on hard labels; the KD term gets 1 − alpha
-    temperature: float = 1.0
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | generalized_jsd | total_variation
-    beta: float = 0.5  # generalised JSD interpolation, in (0, 1)
-    hidden_weight: float = 0.0  # hidden-state loss weight (0: off); needs an online teacher
-    hidden_loss: str = "cosine"  # cosine | mse
-    layer_map: list[int] | None = None  # teacher block per student block (0-based); default uniform
-    attention_weight: float = 0.0  # last-layer attention transfer weight (0: off); online teacher
-    student_init: str = "scratch"  # scratch | teacher (every k-th teacher layer; widths must match)
-
-    def __post_init__(self) -> None:
-        self.divergence = _ALIASES.get(self.divergence, self.divergence)
-
-    def validate(self) -> None:
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"distill.{key}: {msg}")
-
-        need(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
-        need(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
-        need(self.divergence in DIVERGENCES, "divergence",
-             f"must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
-        need(0.0 < self.beta < 1.0, "beta", f"must be strictly between 0 and 1, got {self.beta}")
-        need(self.hidden_weight >= 0, "hidden_weight", f"must be >= 0, got {self.hidden_weight}")
-        need(self.attention_weight >= 0, "attention_weight", f"must be >= 0, got {self.attention_weight}")
-        need(self.hidden_loss in ("cosine", "mse"), "hidden_loss",
-             f"must be cosine or mse, got {self.hidden_loss!r}")
-        need(self.student_init in ("scratch", "teacher"), "student_init",
-             f"must be scratch or teacher, got {self.student_init!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
-        data = dict(data or {})
-        _check_keys(cls, data, "distill")
-        cfg = cls(**_coerce(cls, data, "distill"))
-        cfg.validate()
-        return cfg
 
 
 # ---- teacher signals ------------------------------------------------------------------------------
@@ -139,23 +98,34 @@ def _select(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if mask is None else x[mask.to(x.device)]
 
 
+def _student_logprobs(s: torch.Tensor, width: int, log_probs: bool) -> torch.Tensor:
+    """log-softmax of the student's first `width` logits; from log-probs (`log_probs`), a renormalisation."""
+    if width < s.shape[-1]:
+        s = s[:, :width]
+        return s - s.logsumexp(-1, keepdim=True) if log_probs else s.log_softmax(-1)
+    return s if log_probs else s.log_softmax(-1)
+
+
 def _distributions(student_logits: torch.Tensor, teacher: TeacherSignal, mask: torch.Tensor | None,
-                   temperature: float) -> _Dists:
-    """Student and teacher log-probs at `temperature` on the masked positions (fp32)."""
-    s = _select(student_logits, mask).float() / temperature
+                   temperature: float, log_probs: bool = False) -> _Dists:
+    """Student and teacher log-probs at `temperature` on the masked positions (fp32).
+
+    `log_probs`: the student's tensor already holds log-probabilities at T = 1 (shared with the CE term)."""
+    if log_probs and temperature != 1.0:
+        raise ValueError("student log-probabilities can stand for logits only at temperature 1")
+    s = _select(student_logits, mask).float()
+    s = s / temperature if temperature != 1.0 else s
     if isinstance(teacher, tuple):
         teacher = TopK(*teacher)
     if isinstance(teacher, TopK):
-        if teacher.vocab_size is not None:
-            s = s[:, : teacher.vocab_size]
         ids = _select(teacher.ids.to(s.device), mask).long()
-        s_k = s.log_softmax(-1).gather(-1, ids)
+        s_k = _student_logprobs(s, teacher.vocab_size or s.shape[-1], log_probs).gather(-1, ids)
         t_k = (_select(teacher.logprobs.to(s.device), mask).float() / temperature).log_softmax(-1)
         rest = (-torch.expm1(s_k.logsumexp(-1))).clamp_min(0.0)
         return _Dists(s_k, t_k, rest)
     t = _select(teacher.to(s.device), mask).float() / temperature
     width = min(s.shape[-1], t.shape[-1])  # padded extra rows (teacher or student) are sliced off
-    return _Dists(s[:, :width].log_softmax(-1), t[:, :width].log_softmax(-1))
+    return _Dists(_student_logprobs(s, width, log_probs), t[:, :width].log_softmax(-1))
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -193,12 +163,16 @@ _PER_POSITION: dict[str, Callable[[_Dists, float], torch.Tensor]] = {
 
 
 def divergence(name: str, student_logits: torch.Tensor, teacher: TeacherSignal,
-               mask: torch.Tensor | None = None, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
-    """D(teacher_T ‖ student_T) by name, averaged over the masked positions (fp32 scalar)."""
+               mask: torch.Tensor | None = None, temperature: float = 1.0, beta: float = 0.5,
+               log_probs: bool = False) -> torch.Tensor:
+    """D(teacher_T ‖ student_T) by name, averaged over the masked positions (fp32 scalar).
+
+    `log_probs=True` (T = 1 only): `student_logits` already holds the student's log-probabilities."""
     name = _ALIASES.get(name, name)
     if name not in _PER_POSITION:
         raise ConfigError(f"distill.divergence: must be one of {', '.join(DIVERGENCES)}, got {name!r}")
-    per_position = _PER_POSITION[name](_distributions(student_logits, teacher, mask, temperature), beta)
+    dists = _distributions(student_logits, teacher, mask, temperature, log_probs)
+    per_position = _PER_POSITION[name](dists, beta)
     if per_position.numel() == 0:
         return student_logits.float().sum() * 0.0
     return per_position.mean()
@@ -513,11 +487,21 @@ def load_teacher(path: str | os.PathLike, device: str | torch.device | None = No
         teacher = OnlineTeacher(model, kind, vocab_from_dir(path), str(path),
                                 tok_file if tok_file.is_file() else None)
     if student_tokenizer is not None:
-        if teacher.vocab is None:
-            raise FlashLMError(f"teacher {path} has no tokenizer to compare with the student's; "
-                               "put its tokenizer.json next to its weights")
-        check_vocab(vocab_of(student_tokenizer), teacher.vocab, f"teacher {path}")
+        _check_student_vocab(teacher, vocab_of(student_tokenizer), str(path))
     return teacher
+
+
+def _check_student_vocab(teacher: OnlineTeacher | CachedTeacher, student: dict[str, int], path: str) -> None:
+    if teacher.vocab is not None:
+        check_vocab(student, teacher.vocab, f"teacher {path}")
+        return
+    stored = teacher.cache.meta.get("tokenizer_fingerprint") if isinstance(teacher, CachedTeacher) else None
+    if stored is None:
+        raise FlashLMError(f"teacher {path} has no tokenizer to compare with the student's; "
+                           "put its tokenizer.json next to its weights")
+    if stored != vocab_fingerprint(student):
+        raise FlashLMError(f"teacher {path} and the student use different tokenizers (the cache's vocabulary "
+                           "fingerprint differs); distill only between models that share a tokenizer")
 
 
 def _load_hf_model(path: Path, device: torch.device, dtype: torch.dtype, need_attentions: bool) -> nn.Module:
@@ -545,26 +529,59 @@ def _extra(batch: Any, name: str, default: Any = None) -> Any:
     return extras.get(name, getattr(batch, name, default))
 
 
-class DistillObjective(nn.Module):
-    """The per-step distillation loss. Its parameters (the hidden-state projection, if any) must be trained
-    and checkpointed with the student's; move it to the student's device with ``.to(device)``.
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The FlashLM inside DDP / torch.compile / recording wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
 
-    Call ``objective(model, batch)`` (the loop's `LossFn`), or ``objective.loss(student_out, batch)`` after
-    running the student with ``return_hidden_states=needs_hidden_states, return_attentions=needs_attentions``.
+
+class _Recorder:
+    """Stands in for the student when the base objective runs it: asks for what the distillation terms need
+    (hidden states, last-layer attention) and keeps the output, so the student runs once per micro-batch."""
+
+    def __init__(self, model: nn.Module, hidden_states: bool, attentions: bool) -> None:
+        self.module, self.hidden_states, self.attentions = model, hidden_states, attentions
+        self.out: LMOutput | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> LMOutput:
+        if self.hidden_states:
+            kwargs["return_hidden_states"] = True
+        if self.attentions:
+            kwargs["return_attentions"] = "last"
+        self.out = self.module(*args, **kwargs)
+        return self.out
+
+
+class DistillObjective(nn.Module):
+    """The per-step distillation loss. Its parameters (the hidden-state projection, if any) are trained and
+    checkpointed with the student's: the loop puts them in the optimizer and in ``train_state``.
+
+    Two forms:
+
+    - **standalone** (``base=None``): ``objective(model, batch)`` runs the student and returns
+      ``α·CE + (1 − α)·T²·D`` [+ extras] with metrics distill_{loss, ce, kd} (+ distill_hidden, distill_attn).
+    - **around an objective** (``base``, how `flashlm.train` uses it): the base objective's loss runs as usual
+      (CLM, masked LM, NSP, prefix LM or their hybrid; its metrics are kept) and is the hard-label term:
+      ``α·base + (1 − α)·T²·D`` on the positions the base trains, the teacher seeing the same input in the
+      same attention mode. Batches the teacher cannot score (a cached or HF teacher and a non-causal batch;
+      a cached teacher and a batch without stream offsets) train on the base loss alone, their distill_*
+      metrics NaN. Metrics added: distill_kd (+ distill_hidden, distill_attn).
+
     The batch carries ``input_ids``, ``targets`` (IGNORE_INDEX where untrained), ``mode``, ``doc_ids``,
     ``prefix_len`` and, for a cached teacher, ``extras["starts"]``: the stream offset of each row's first
     input token (row b's inputs are ``tokens[s_b : s_b + T]``).
     """
 
-    def __init__(self, cfg: DistillConfig, teacher: OnlineTeacher | CachedTeacher,
-                 student_cfg: ModelConfig) -> None:
+    def __init__(self, cfg: DistillConfig, teacher: OnlineTeacher | CachedTeacher, student_cfg: ModelConfig,
+                 base: Any = None, init_from: str | None = None) -> None:
         super().__init__()
         cfg.validate()
         cached = isinstance(teacher, CachedTeacher)
         if cached and (cfg.hidden_weight > 0 or cfg.attention_weight > 0):
             raise ConfigError("distill.hidden_weight/attention_weight: a cached teacher has no hidden states "
                               "or attentions; set them to 0 or use an online teacher")
-        self.cfg, self.teacher = cfg, teacher
+        self.cfg, self.teacher, self.base, self.init_from = cfg, teacher, base, init_from
         self.hidden = None
         if cfg.hidden_weight > 0:
             self.hidden = HiddenStateLoss(student_cfg.d_model, teacher.d_model, student_cfg.n_layers,
@@ -579,6 +596,8 @@ class DistillObjective(nn.Module):
         return self.cfg.attention_weight > 0
 
     def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.base is not None:
+            return self._around_base(model, batch)
         out = model(batch.input_ids, mode=batch.mode, doc_ids=batch.doc_ids, prefix_len=batch.prefix_len,
                     return_hidden_states=self.needs_hidden_states,
                     return_attentions="last" if self.needs_attentions else False)
@@ -589,6 +608,25 @@ class DistillObjective(nn.Module):
         from flashlm.train.objectives import Objective
 
         return Objective(name, distill_batch, self)
+
+    def init_student(self, model: FlashLM) -> None:
+        """With ``student_init: teacher``, overwrite `model`'s weights with every k-th teacher layer (the
+        teacher read in fp32 from its checkpoint); a no-op otherwise. The loop calls it before wrapping."""
+        if self.cfg.student_init != "teacher":
+            return
+        if not self.init_from:
+            raise ConfigError("distill.student_init: teacher initialisation needs a FlashLM teacher "
+                              "checkpoint")
+        teacher = FlashLM.from_pretrained(self.init_from)
+        state = init_student_from_teacher(teacher, model.cfg).state_dict()
+        model.load_state_dict(state)
+
+    def can_distill(self, batch: Any) -> bool:
+        """Whether the teacher can score this batch (see the class docstring)."""
+        causal = _extra(batch, "mode", "causal") == "causal"
+        if isinstance(self.teacher, CachedTeacher):
+            return causal and _extra(batch, "starts") is not None
+        return causal or self.teacher.kind == "flashlm"
 
     def teacher_output(self, batch: Any, device: torch.device) -> tuple[TeacherSignal, TeacherOutput | None]:
         """The teacher's signal for `batch` (logits or TopK), plus the online teacher's full output."""
@@ -610,24 +648,213 @@ class DistillObjective(nn.Module):
         signal, t_out = self.teacher_output(batch, student_out.logits.device)
         loss, parts = distillation_loss(student_out.logits, signal, targets, self.cfg, mask)
         metrics = {f"distill_{k}": v for k, v in parts.items()}
+        loss, extras = self._extras(loss, student_out, t_out, mask)
+        metrics.update(extras)
+        metrics["distill_loss"] = loss.detach()
+        return loss, metrics
+
+    def _extras(self, loss: torch.Tensor, student_out: LMOutput, t_out: TeacherOutput | None,
+                mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        metrics = {}
         if self.hidden is not None:
             h = self.hidden(student_out.hidden_states, t_out.hidden_states, mask)
             loss, metrics["distill_hidden"] = loss + self.cfg.hidden_weight * h, h.detach()
         if self.needs_attentions:
             a = attention_transfer(student_out.attentions[-1], t_out.attentions[-1], mask)
             loss, metrics["distill_attn"] = loss + self.cfg.attention_weight * a, a.detach()
-        metrics["distill_loss"] = loss.detach()
         return loss, metrics
+
+    def _metric_names(self) -> list[str]:
+        names = ["distill_kd"] + ["distill_hidden"] * (self.hidden is not None)
+        return names + ["distill_attn"] * self.needs_attentions
+
+    def _around_base(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from flashlm.train.objectives import clm_loss
+
+        if self.base.loss is clm_loss and self.cfg.temperature == 1.0 and self.can_distill(batch):
+            return self._fused_clm(model, batch)
+        recorder = _Recorder(model, self.needs_hidden_states, self.needs_attentions)
+        hard, metrics = self.base.loss(recorder, batch)
+        out = recorder.out
+        if out is None or not self.can_distill(batch):
+            nan = torch.full((), float("nan"), device=hard.device)
+            return hard, {**metrics, **dict.fromkeys(self._metric_names(), nan)}
+        mask = batch.targets != IGNORE_INDEX
+        signal, t_out = self.teacher_output(batch, hard.device)
+        kd = self._divergence(model, out, signal, mask)
+        loss = self.cfg.alpha * hard + (1 - self.cfg.alpha) * self.cfg.temperature**2 * kd
+        loss, extras = self._extras(loss, out, t_out, mask)
+        return loss, {**metrics, "distill_kd": kd.detach(), **extras}
+
+    def _fused_clm(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The CLM objective plus distillation at T = 1, both from one log-softmax of the student's logits
+        (equal to running `clm_loss` and `divergence` separately, at about the cost of `clm_loss` alone)."""
+        out = model(batch.input_ids, mode=batch.mode, doc_ids=batch.doc_ids, prefix_len=batch.prefix_len,
+                    return_hidden_states=self.needs_hidden_states,
+                    return_attentions="last" if self.needs_attentions else False)
+        logits, targets = out.logits, batch.targets
+        log_probs = logits.float().log_softmax(-1)
+        ce = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        valid = targets != IGNORE_INDEX
+        with torch.no_grad():
+            accuracy = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
+        signal, t_out = self.teacher_output(batch, logits.device)
+        use = None if bool(valid.all()) else valid
+        kd = divergence(self.cfg.divergence, log_probs, signal, use, 1.0, self.cfg.beta, log_probs=True)
+        loss = self.cfg.alpha * ce + (1 - self.cfg.alpha) * kd
+        loss, extras = self._extras(loss, out, t_out, valid)
+        return loss, {"clm_loss": ce.detach(), "clm_acc": accuracy.float(), "distill_kd": kd.detach(), **extras}
+
+    def _divergence(self, model: nn.Module, out: LMOutput, signal: TeacherSignal,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """D on the trained positions; when the base ran the LM head on those positions only (masked LM),
+        the head runs on them again here (the hidden states are shared, so only the head's cost repeats)."""
+        cfg = self.cfg
+        if out.logits is not None:
+            use = None if bool(mask.all()) else mask
+            return divergence(cfg.divergence, out.logits, signal, use, cfg.temperature, cfg.beta)
+        logits = _unwrap(model).logits(out.hidden[mask])
+        if isinstance(signal, tuple):
+            signal = TopK(*signal)
+        if isinstance(signal, TopK):
+            signal = TopK(_select(signal.ids, mask), _select(signal.logprobs, mask), signal.vocab_size)
+        else:
+            signal = _select(signal, mask)
+        return divergence(cfg.divergence, logits, signal, None, cfg.temperature, cfg.beta)
 
 
 def distill_batch(stream: Any, slot: Any, cfg: TrainConfig) -> Any:
-    """A causal-LM micro-batch (a `BatchFn`) recording each row's stream offset in ``extras["starts"]``."""
+    """The causal-LM micro-batch (a `BatchFn`) with each row's stream offset in ``extras["starts"]``.
+
+    It draws exactly the windows the "clm" objective draws: a distilled and a plain run see the same tokens.
+    """
     from flashlm.data.batches import causal_batch, random_starts, stream_id
 
-    starts = random_starts(len(stream), cfg.seq_len + 1, slot, stream_id("distill"))
+    starts = random_starts(len(stream), cfg.seq_len + 1, slot, stream_id("clm"))
     batch = causal_batch(stream, starts, cfg.seq_len, cfg.packed_attention)
     batch.extras["starts"] = torch.from_numpy(np.asarray(starts, dtype=np.int64))
     return batch
+
+
+def _with_starts(make_batch: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap another objective's batch maker (a hybrid's): its causal-LM batches get ``extras["starts"]``
+    (recomputed as the "clm" objective draws them, and checked against the batch), so a cached teacher can
+    score them; other batches pass unchanged."""
+    from flashlm.data.batches import random_starts, read_windows, stream_id
+
+    def make(stream: Any, slot: Any, cfg: TrainConfig) -> Any:
+        batch = make_batch(stream, slot, cfg)
+        if batch.mode == "causal" and batch.prefix_len is None and "starts" not in batch.extras:
+            starts = random_starts(len(stream), cfg.seq_len + 1, slot, stream_id("clm"))
+            if np.array_equal(read_windows(stream.tokens, starts, cfg.seq_len), batch.input_ids.numpy()):
+                batch.extras["starts"] = torch.from_numpy(np.asarray(starts, dtype=np.int64))
+        return batch
+
+    return make
+
+
+# ---- the loop's objective ----------------------------------------------------------------------------
+def distill_objective(cfg: Any, base: Any, data: Any, device: torch.device | str = "cpu",
+                      is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> Any:
+    """The objective `flashlm.train` uses for a run with a `distill:` section.
+
+    `base` is the run's own objective (train.objective or the hybrid of train.objectives); the result keeps
+    its batches and frozen parameters and adds the distillation terms (`DistillObjective` around `base`).
+    The teacher is loaded on `device` and checked against the run's tokenizer (`data.tokenizer_file`: the
+    shards' tokenizer.json or train.tokenizer); with ``distill.cache`` the top-k cache is used, built first
+    from ``distill.teacher`` over train.data (rank 0 builds, the others wait at `barrier`) when missing.
+    """
+    from flashlm.train.objectives import Objective
+
+    dcfg: DistillConfig = cfg.distill
+    tok_file = data.tokenizer_file
+    if tok_file is None:
+        raise ConfigError("distill: the student's tokenizer is unknown (no tokenizer.json in train.data and "
+                          "train.tokenizer unset); set train.tokenizer so the teacher's vocabulary can be "
+                          "checked")
+    source = dcfg.teacher
+    if dcfg.cache:
+        source = _ensure_cache(dcfg, cfg.train, device, is_main, barrier, tok_file)
+    teacher = load_teacher(source, device, student_tokenizer=tok_file,
+                           need_attentions=dcfg.attention_weight > 0)
+    cached = isinstance(teacher, CachedTeacher)
+    if cached:
+        _check_cache_fits(teacher.cache, data.train)
+    init_from = _init_source(teacher) if dcfg.student_init == "teacher" else None
+    with torch.random.fork_rng(devices=[]):  # the projection's initial weights depend on train.seed alone
+        torch.manual_seed(cfg.train.seed)
+        loss = DistillObjective(dcfg, teacher, cfg.model, base=base, init_from=init_from)
+    make_batch = base.make_batch
+    if base.name == "clm":
+        make_batch = distill_batch
+    elif cached:
+        make_batch = _with_starts(base.make_batch)
+    return Objective("distill", make_batch, loss, base.frozen)
+
+
+def _ensure_cache(dcfg: DistillConfig, tcfg: TrainConfig, device: torch.device | str, is_main: bool,
+                  barrier: Callable[[], None], tok_file: Path) -> str:
+    out = Path(dcfg.cache)
+    meta = _read_json(out / CACHE_META) if (out / CACHE_META).is_file() else {}
+    if not meta.get("complete"):
+        if not dcfg.teacher:
+            raise ConfigError(f"distill.cache: no finished cache at {out} and no distill.teacher to build it "
+                              "from")
+        if is_main:
+            teacher = load_teacher(dcfg.teacher, device, student_tokenizer=tok_file)
+            if isinstance(teacher, CachedTeacher):
+                raise ConfigError(f"distill.teacher: {dcfg.teacher} is itself a logit cache; to build "
+                                  f"distill.cache={out}, point distill.teacher at a model")
+            build_logit_cache(teacher, tcfg.data, out, top_k=dcfg.top_k, seq_len=min(tcfg.seq_len,
+                              teacher.max_seq_len), batch_size=tcfg.batch_size, progress=True)
+            del teacher
+        barrier()
+    return str(out)
+
+
+def _check_cache_fits(cache: LogitCache, stream: Any) -> None:
+    if cache.n_positions != len(stream) or cache.meta.get("split", "train") != "train":
+        raise DataError(f"distill.teacher: the cache {cache.path} covers {cache.n_positions:,} positions of "
+                        f"split {cache.meta.get('split')!r} but train.data's train split has {len(stream):,} "
+                        "tokens; build the cache from the same shards (`flashlm distill cache`)")
+
+
+def _init_source(teacher: OnlineTeacher | CachedTeacher) -> str:
+    if isinstance(teacher, OnlineTeacher):
+        path, kind = teacher.source, teacher.kind
+    else:
+        path, kind = str(teacher.cache.meta.get("teacher", "")), None
+        try:
+            kind = teacher_kind(path) if path and Path(path).is_dir() else None
+        except CheckpointError:
+            kind = None
+    if kind != "flashlm":
+        raise ConfigError(f"distill.student_init: teacher initialisation needs a FlashLM teacher checkpoint, "
+                          f"and {path or 'the cache'} is not one; use student_init: scratch")
+    return path
+
+
+def distill_student(teacher: str | os.PathLike, shards: str | os.PathLike, student: ModelConfig | str,
+                    steps: int, out: str | os.PathLike, **settings: Any) -> dict[str, Any]:
+    """Distil `teacher` (a FlashLM or HF model dir, or a logit cache) into a new `student` (a ModelConfig or a
+    preset name) on the token shards `shards`; returns `flashlm.train`'s summary.
+
+    `settings` are ``section__key=value`` overrides, e.g. ``distill__alpha=0.3, train__batch_size=8``
+    (a bare key means a distill key: ``alpha=0.3``). Equivalent to `flashlm.train` on a RunConfig with a
+    ``distill:`` section, which is what this builds.
+    """
+    from flashlm.config import RunConfig, apply_overrides, get_preset
+    from flashlm.train.loop import train
+
+    model = get_preset(student) if isinstance(student, str) else student
+    data = {"model": model.to_dict(),
+            "train": {"data": str(shards), "out": str(out), "steps": steps, "seq_len": min(256, model.max_seq_len)},
+            "distill": {"teacher": str(teacher)}}
+    overrides = []
+    for key, value in settings.items():
+        section, _, name = key.rpartition("__")
+        overrides.append(f"{section or 'distill'}.{name}={json.dumps(value)}")
+    return train(RunConfig.from_dict(apply_overrides(data, overrides)))
 
 
 # ---- student initialisation -----------------------------------------------------------------------
@@ -721,6 +948,11 @@ class LogitCache:
         return int(self.meta["seq_len"])
 
     @property
+    def stride(self) -> int:
+        """How far the teacher's windows advanced (each position had >= seq_len − stride tokens of context)."""
+        return int(self.meta.get("stride", self.seq_len))
+
+    @property
     def n_positions(self) -> int:
         return int(self.meta["n_positions"])
 
@@ -768,10 +1000,11 @@ def _token_stream(shards: str | os.PathLike | np.ndarray, split: str) -> tuple[n
     return TokenShards(shards, split).tokens, str(Path(shards).resolve())
 
 
-def _cache_meta(teacher: OnlineTeacher, source: str, split: str, n: int, top_k: int, seq_len: int) -> dict:
+def _cache_meta(teacher: OnlineTeacher, source: str, split: str, n: int, top_k: int, seq_len: int,
+                stride: int) -> dict:
     id_dtype = ids_dtype(teacher.vocab_size)
     return {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "top_k": top_k, "seq_len": seq_len,
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "top_k": top_k, "seq_len": seq_len, "stride": stride,
         "n_positions": n, "vocab_size": teacher.vocab_size, "ids_dtype": id_dtype.name,
         "logprobs_dtype": "float16", "bytes_per_token": top_k * (id_dtype.itemsize + 2),
         "teacher": teacher.source, "shards": source, "split": split,
@@ -811,18 +1044,24 @@ def _arrays_present(out: Path, meta: dict) -> bool:
                for name, dtype in ((CACHE_IDS, meta["ids_dtype"]), (CACHE_LOGPROBS, meta["logprobs_dtype"])))
 
 
-def _teacher_topk(teacher: OnlineTeacher, tokens: np.ndarray, seq_len: int,
-                  top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (ids, fp16 log-probs) [len(tokens), k] for consecutive windows of `seq_len` over `tokens`."""
-    n = len(tokens)
-    rows = -(-n // seq_len)
-    padded = np.zeros(rows * seq_len, dtype=np.int64)  # causal: right padding never changes earlier positions
-    padded[:n] = tokens
-    ids = torch.from_numpy(padded.reshape(rows, seq_len))
-    logprobs = teacher(ids).logits.float().log_softmax(-1)
+def _teacher_topk(teacher: OnlineTeacher, tokens: np.ndarray, start: int, stop: int, seq_len: int,
+                  stride: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (ids, fp16 log-probs) [stop − start, k] for stream positions [start, stop), `start` a multiple of
+    `stride`: the block [p, p + stride) is read by the window ``tokens[max(0, p + stride − seq_len) : p +
+    stride]``, one window a row (right-padded: causal attention never looks ahead)."""
+    blocks = range(start, stop, stride)
+    rows = np.zeros((len(blocks), seq_len), dtype=np.int64)
+    keep = []
+    for row, p in enumerate(blocks):
+        lo, end = max(0, p + stride - seq_len), min(p + stride, stop)
+        rows[row, : end - lo] = tokens[lo:end]
+        keep.append((row, p - lo, end - p))
+    logprobs = teacher(torch.from_numpy(rows)).logits.float().log_softmax(-1)
     values, indices = logprobs.topk(top_k, dim=-1)
-    values = values.reshape(-1, top_k)[:n].clamp_min(torch.finfo(torch.float16).min)
-    return indices.reshape(-1, top_k)[:n].cpu().numpy(), values.half().cpu().numpy()
+    values = values.clamp_min(torch.finfo(torch.float16).min)
+    ids = torch.cat([indices[r, o : o + c] for r, o, c in keep])
+    lps = torch.cat([values[r, o : o + c] for r, o, c in keep])
+    return ids.cpu().numpy(), lps.half().cpu().numpy()
 
 
 @contextmanager
@@ -840,13 +1079,15 @@ def _progress_bar(enabled: bool, total: int, done: int) -> Iterator[Callable[[in
 
 def build_logit_cache(teacher: OnlineTeacher, shards: str | os.PathLike | np.ndarray,
                       out_dir: str | os.PathLike, top_k: int = 64, seq_len: int | None = None,
-                      batch_size: int = 8, split: str = "train", progress: bool = True) -> LogitCache:
+                      batch_size: int = 8, split: str = "train", progress: bool = True,
+                      stride: int | None = None) -> LogitCache:
     """Run `teacher` once over a token stream and store each position's top-k ids and log-probs.
 
-    `shards` is a shard directory (its `split`) or a 1-D token array. The stream is cut into consecutive,
-    non-overlapping windows of `seq_len` tokens (default: the teacher's context, at most 2048), `batch_size`
-    windows a chunk; after each chunk the arrays are flushed and ``progress.json`` records the positions done,
-    so a rerun with the same arguments continues where an interrupted one stopped (and yields the same bytes).
+    `shards` is a shard directory (its `split`) or a 1-D token array. The teacher reads windows of `seq_len`
+    tokens (default: its context, at most 2048) advancing by `stride` (default ``seq_len // 2``; `seq_len` for
+    consecutive windows at half the cost), `batch_size` windows a chunk; after each chunk the arrays are
+    flushed and ``progress.json`` records the positions done, so a rerun with the same arguments continues
+    where an interrupted one stopped (and yields the same bytes).
     Files: ids.bin [N, k] (uint16 when the vocabulary fits, else int32), logprobs.bin [N, k] float16,
     meta.json (with ``bytes_per_token`` = k·(id bytes + 2), 256 for k = 64), tokenizer.json.
     """
@@ -856,8 +1097,11 @@ def build_logit_cache(teacher: OnlineTeacher, shards: str | os.PathLike | np.nda
         raise ConfigError(f"seq_len {seq_len} exceeds the teacher's context of {teacher.max_seq_len} tokens")
     if not 0 < top_k <= teacher.vocab_size:
         raise ConfigError(f"top_k must be in [1, {teacher.vocab_size}] (the vocabulary), got {top_k}")
+    stride = stride or max(1, seq_len // 2)
+    if not 0 < stride <= seq_len:
+        raise ConfigError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
     out = Path(out_dir)
-    meta = _cache_meta(teacher, source, split, len(tokens), top_k, seq_len)
+    meta = _cache_meta(teacher, source, split, len(tokens), top_k, seq_len, stride)
     done = _start_or_resume(out, meta, teacher)
     if done < meta["n_positions"]:
         _fill_cache(teacher, tokens, out, meta, done, batch_size, progress)
@@ -866,16 +1110,39 @@ def build_logit_cache(teacher: OnlineTeacher, shards: str | os.PathLike | np.nda
     return LogitCache(out)
 
 
+def cache_teacher(teacher: str | os.PathLike, shards: str | os.PathLike, out_dir: str | os.PathLike,
+                  top_k: int = 64, seq_len: int | None = None, batch_size: int = 8, split: str = "train",
+                  device: str | torch.device | None = None, progress: bool = True,
+                  stride: int | None = None) -> LogitCache:
+    """`flashlm distill cache`: load the teacher (FlashLM or local HF dir), check that it shares the shards'
+    tokenizer, and build (or finish) its top-k cache over the shards' `split` (see `build_logit_cache`)."""
+    from flashlm.data.shards import TokenShards
+    from flashlm.tokenizer import Tokenizer
+
+    model = load_teacher(teacher, device)
+    if isinstance(model, CachedTeacher):
+        raise ConfigError(f"{teacher} is already a logit cache; pass the teacher model's directory")
+    shard_tok = Path(shards) / TOKENIZER_FILE
+    if shard_tok.is_file():
+        _check_student_vocab(model, vocab_of(shard_tok), str(teacher))
+    elif model.tokenizer_file is not None:
+        TokenShards(shards, split).check_tokenizer(Tokenizer.load(model.tokenizer_file))
+    else:
+        raise FlashLMError(f"cannot check that teacher {teacher} shares the tokenizer of {shards}: neither "
+                           "has a tokenizer.json; put the tokenizer next to the teacher's weights")
+    return build_logit_cache(model, shards, out_dir, top_k, seq_len, batch_size, split, progress, stride)
+
+
 def _fill_cache(teacher: OnlineTeacher, tokens: np.ndarray, out: Path, meta: dict, done: int, batch_size: int,
                 progress: bool) -> None:
-    n, k, seq_len = meta["n_positions"], meta["top_k"], meta["seq_len"]
+    n, k, seq_len, stride = meta["n_positions"], meta["top_k"], meta["seq_len"], meta["stride"]
     ids_mm = _open_array(out / CACHE_IDS, np.dtype(meta["ids_dtype"]), (n, k), "r+")
     lp_mm = _open_array(out / CACHE_LOGPROBS, np.dtype(meta["logprobs_dtype"]), (n, k), "r+")
-    chunk = seq_len * batch_size
+    chunk = stride * batch_size
     with _progress_bar(progress, n, done) as advance:
         for start in range(done, n, chunk):
             stop = min(start + chunk, n)
-            ids, logprobs = _teacher_topk(teacher, np.asarray(tokens[start:stop], dtype=np.int64), seq_len, k)
+            ids, logprobs = _teacher_topk(teacher, tokens, start, stop, seq_len, stride, k)
             ids_mm[start:stop], lp_mm[start:stop] = ids, logprobs
             ids_mm.flush()
             lp_mm.flush()
@@ -885,8 +1152,8 @@ def _fill_cache(teacher: OnlineTeacher, tokens: np.ndarray, out: Path, meta: dic
 
 __all__ = [
     "DIVERGENCES", "CachedTeacher", "DistillConfig", "DistillObjective", "HiddenStateLoss", "LogitCache",
-    "OnlineTeacher", "TeacherOutput", "TopK", "attention_transfer", "build_logit_cache", "check_vocab",
-    "distill_batch", "distillation_loss", "divergence", "forward_kl", "generalized_jsd",
-    "init_student_from_teacher", "load_teacher", "masked_cross_entropy", "reverse_kl", "teacher_kind",
-    "total_variation", "uniform_layer_map", "vocab_fingerprint", "vocab_of",
+    "OnlineTeacher", "TeacherOutput", "TopK", "attention_transfer", "build_logit_cache", "cache_teacher",
+    "check_vocab", "distill_batch", "distill_objective", "distill_student", "distillation_loss", "divergence",
+    "forward_kl", "generalized_jsd", "init_student_from_teacher", "load_teacher", "masked_cross_entropy",
+    "reverse_kl", "teacher_kind", "total_variation", "uniform_layer_map", "vocab_fingerprint", "vocab_of",
 ]

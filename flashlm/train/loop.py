@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flashlm.config import RunConfig, TrainConfig, save_yaml
-from flashlm.data.batches import IGNORE_INDEX, BatchSlot, TokenStream, eval_batches
+from flashlm.data.batches import IGNORE_INDEX, BatchSlot, SpecialTokens, TokenStream, eval_batches
 from flashlm.errors import CheckpointError, ConfigError, DataError
 from flashlm.model.transformer import FlashLM
 from flashlm.train.checkpoint import (
@@ -46,7 +46,7 @@ from flashlm.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from flashlm.train.objectives import Metrics, Objective, forward, get_objective, lm_cross_entropy
+from flashlm.train.objectives import Metrics, Objective, build_objective, forward, lm_cross_entropy
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
 
@@ -120,6 +120,14 @@ class Parts:
     stateful: nn.Module
     forward: nn.Module
     fsdp: bool = False
+    extra: nn.Module | None = None  # an objective's own trainable module (a distillation projection)
+
+    @property
+    def trained(self) -> nn.Module:
+        """What the optimizer (and its state dict) covers: the model, plus `extra` when there is one."""
+        if self.extra is None:
+            return self.stateful
+        return nn.ModuleDict({"model": self.stateful, "objective": self.extra})
 
 
 def seed_everything(seed: int) -> None:
@@ -133,6 +141,9 @@ def build_model(cfg: RunConfig, env: DistEnv, objective: Objective) -> Parts:
     tcfg = cfg.train
     seed_everything(tcfg.seed)
     model = FlashLM(cfg.model).to(env.device)
+    init = getattr(objective.loss, "init_student", None)  # distillation: student_init from the teacher
+    if init is not None:
+        init(model)
     for name, param in model.named_parameters():
         if name.startswith(objective.frozen):
             param.requires_grad_(False)
@@ -206,10 +217,22 @@ class Data:
     tokenizer_file: Path | None  # copied into every checkpoint
 
 
-def open_stream(shards: Any) -> TokenStream:
+def open_stream(shards: Any, specials: SpecialTokens | None = None) -> TokenStream:
     offsets = getattr(shards, "doc_offsets", None)
     eos = shards.meta.get("eos_id") if isinstance(getattr(shards, "meta", None), dict) else None
-    return TokenStream(shards.tokens, None if offsets is None else np.asarray(offsets), eos)
+    return TokenStream(shards.tokens, None if offsets is None else np.asarray(offsets), eos, specials)
+
+
+def special_tokens(tokenizer_file: Path | None) -> SpecialTokens | None:
+    """The special ids the masked objectives need, from the run's tokenizer (None when it lacks them)."""
+    from flashlm.tokenizer import Tokenizer
+
+    if tokenizer_file is None:
+        return None
+    try:
+        return SpecialTokens.from_tokenizer(Tokenizer.load(tokenizer_file))
+    except DataError:
+        return None
 
 
 def bytes_per_token(shards: Any) -> float | None:
@@ -240,10 +263,11 @@ def open_data(tcfg: TrainConfig, vocab_size: int) -> Data:
     if top > vocab_size:
         raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than the shards' vocabulary ({top}); "
                           f"set model.vocab_size to at least {top}")
+    specials = special_tokens(tokenizer_file)
     if val is None or len(val.tokens) < tcfg.seq_len + 1:  # no full evaluation window (val_fraction 0)
-        return Data(open_stream(train), None, None, tokenizer_file)
-    return Data(open_stream(train), open_stream(val), bytes_per_token(val) or bytes_per_token(train),
-                tokenizer_file)
+        return Data(open_stream(train, specials), None, None, tokenizer_file)
+    return Data(open_stream(train, specials), open_stream(val, specials),
+                bytes_per_token(val) or bytes_per_token(train), tokenizer_file)
 
 
 def _open_val(tcfg: TrainConfig) -> Any:
@@ -310,7 +334,11 @@ def train_step(parts: Parts, optimizer: torch.optim.Optimizer, scheduler: Any, o
         total += loss.detach() / accum
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float() / accum
-    grad_norm = clip_gradients(parts.model, tcfg.grad_clip)
+    if parts.extra is not None and env.enabled:  # DDP averages the model's gradients only
+        for param in parts.extra.parameters():
+            if param.grad is not None:
+                param.grad.copy_(mean_across_ranks(param.grad, env))
+    grad_norm = clip_gradients(parts.model if parts.extra is None else parts.trained, tcfg.grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -360,11 +388,13 @@ def save(parts: Parts, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: Ru
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(parts.stateful, options=options)
-    optim_state = get_optimizer_state_dict(parts.stateful, optimizer, options=options)
+    optim_state = get_optimizer_state_dict(parts.trained, optimizer, options=options)
     path = None
     if env.is_main:
         state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": capture_rng(),
                  "config": cfg.to_dict(), "world_size": env.world}
+        if parts.extra is not None:  # the objective's own weights (e.g. a distillation projection)
+            state["objective"] = {k: v.detach().cpu() for k, v in parts.extra.state_dict().items()}
         path = save_checkpoint(Path(cfg.train.out) / CHECKPOINTS_DIR, step, model_state, cfg.model, state,
                                data.tokenizer_file, cfg.train.keep_last)
     env.barrier()
@@ -391,8 +421,10 @@ def resume(parts: Parts, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: 
     options = StateDictOptions(full_state_dict=True)
     try:
         set_model_state_dict(parts.stateful, model_state, options=options)
-        set_optimizer_state_dict(parts.stateful, optimizer, optim_state_dict=state["optimizer"],
+        set_optimizer_state_dict(parts.trained, optimizer, optim_state_dict=state["optimizer"],
                                  options=options)
+        if parts.extra is not None:
+            parts.extra.load_state_dict(state["objective"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
@@ -412,7 +444,8 @@ def _refuse_to_mix_runs(out: Path) -> None:
 
 def changed_settings(saved: dict[str, Any], tcfg: TrainConfig) -> list[str]:
     """Train settings that differ from the checkpoint's and change which batches a step sees."""
-    keys = ("seed", "batch_size", "seq_len", "grad_accum", "objective", "packed_attention", "data")
+    keys = ("seed", "batch_size", "seq_len", "grad_accum", "objective", "objectives", "masking",
+            "packed_attention", "data")
     return [k for k in keys if saved.get(k) != getattr(tcfg, k)]
 
 
@@ -543,10 +576,11 @@ def train(cfg: RunConfig, callback: StepCallback | None = None,
     `callback(step, row)` runs after every step on every rank (`row`: what was logged, maybe empty);
     a true return value saves a checkpoint and stops, e.g. for a time budget (return the same
     value on every rank). `objective` replaces the registry's ``train.objective`` (e.g. one built
-    around a teacher).
+    around a teacher). With a ``distill:`` section the run trains a student: the objective gains
+    the distillation terms (`flashlm.train.distill.distill_objective`).
     """
     cfg.validate()
-    objective = objective or get_objective(cfg.train.objective)
+    objective = objective or build_objective(cfg.train)
     env = setup_distributed(cfg.train.device)
     try:
         return _run(cfg, objective, env, callback)
@@ -557,9 +591,13 @@ def train(cfg: RunConfig, callback: StepCallback | None = None,
 def _run(cfg: RunConfig, objective: Objective, env: DistEnv, callback: StepCallback | None) -> dict[str, Any]:
     tcfg = cfg.train
     data = open_data(tcfg, cfg.model.vocab_size)
+    if cfg.distill is not None and objective.name != "distill":
+        from flashlm.train.distill import distill_objective
+
+        objective = distill_objective(cfg, objective, data, env.device, env.is_main, env.barrier)
     parts = build_model(cfg, env, objective)
-    _place_objective(objective, env)
-    optimizer = build_optimizer(parts.model, tcfg, env.device)
+    parts.extra = _place_objective(objective, env, tcfg)
+    optimizer = build_optimizer(parts.trained, tcfg, env.device)
     scheduler = build_scheduler(optimizer, tcfg)
     start, resumed_from, saved = resume(parts, optimizer, scheduler, cfg, env)
     log = RunLog(cfg, env.is_main, start)
@@ -589,14 +627,19 @@ def _run(cfg: RunConfig, objective: Objective, env: DistEnv, callback: StepCallb
     return {**state.summary(env), "out": str(tcfg.out)}
 
 
-def _place_objective(objective: Objective, env: DistEnv) -> None:
-    """Move a loss that is a module (e.g. holding a teacher) to the device; refuse trainable ones."""
+def _place_objective(objective: Objective, env: DistEnv, tcfg: TrainConfig) -> nn.Module | None:
+    """Move a loss that is a module (e.g. holding a teacher) to the device; return it when it has
+    trainable parameters of its own (the loop then trains them with the model's and keeps them, and
+    their optimizer state, in every checkpoint)."""
     if not isinstance(objective.loss, nn.Module):
-        return
-    if any(p.requires_grad for p in objective.loss.parameters()):
-        raise ConfigError(f"train.objective: {objective.name} has trainable parameters of its own; the loop "
-                          "trains and checkpoints only the model's, so freeze them or drop that loss term")
+        return None
     objective.loss.to(env.device)
+    if not any(p.requires_grad for p in objective.loss.parameters()):
+        return None
+    if env.enabled and tcfg.distributed == "fsdp":
+        raise ConfigError(f"train.distributed: {objective.name} has trainable parameters of its own (a "
+                          "hidden-state projection) that FSDP does not shard yet; use ddp or drop that term")
+    return objective.loss
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -651,16 +694,20 @@ def _timed(state: _LoopState, fn: Callable[[], Any]) -> Any:
 
 def _maybe_log(state: _LoopState, step: int, grad_norm: torch.Tensor, names: list[str], tcfg: TrainConfig,
                env: DistEnv) -> dict[str, Any]:
-    """Every log_every steps (and the last): mean loss/metrics since the last row, across ranks."""
+    """Every log_every steps (and the last): mean loss/metrics since the last row, across ranks.
+
+    NaN marks a metric a step did not produce (a hybrid's other terms): means skip it, and a metric
+    with no value since the last row is left out of the row.
+    """
     if not _due(step, tcfg.log_every, tcfg.steps):
         return {}
-    values = mean_across_ranks(torch.stack(state.pending).float().mean(0), env).tolist()
+    values = mean_across_ranks(torch.stack(state.pending).float().nanmean(0), env).tolist()
     now = time.perf_counter()
     elapsed = max(now - state.mark - state.paused, 1e-9)
     tokens = len(state.pending) * tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len * env.world
     row = {"step": step, "loss": values[0], "lr": tcfg.lr * lr_factor(step - 1, tcfg),
            "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
-           **dict(zip(names, values[1:], strict=True))}
+           **{k: v for k, v in zip(names, values[1:], strict=True) if not math.isnan(v)}}
     state.pending, state.mark, state.paused = [], now, 0.0
     return row
 

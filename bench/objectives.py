@@ -1,0 +1,266 @@
+"""Benchmark the pre-training objectives at an equal token budget: causal-only, MLM+NSP-only, the
+hybrid (1 causal : 3 masked steps, masked steps on NSP pairs) and MLM-only (the NSP ablation).
+
+Every variant trains the `tiny` preset (~5M parameters) from the same seed for the same steps ×
+batch × seq_len tokens on TinyStories (the train head of ../shared/data, one *story* a document,
+byte-level BPE of 4096 tokens, 5% of the stories held out), then is evaluated on the held-out
+stories: causal loss over every window, masked-token accuracy (15% masks, fixed), NSP accuracy
+(512 fixed pairs) and training tokens/s. Variants run in `--jobs` processes of `--threads` torch
+threads each. Results go to bench/results/objectives.json and a section of docs/benchmarks.md.
+
+    nice .venv/bin/python bench/objectives.py                 # ~15 minutes on 2 idle cores
+    nice .venv/bin/python bench/objectives.py --steps 100 --variants causal hybrid   # quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_train_head.txt"
+RESULTS = REPO / "bench" / "results" / "objectives.json"
+DOC = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- objectives:begin -->", "<!-- objectives:end -->"
+GOAL_CAUSAL_REL, GOAL_MLM_POINTS = 0.05, 2.0
+
+MASKING = {"rate": 0.3, "rate_end": 0.15, "max_span": 3, "next_token": True, "per_document": True}
+VARIANTS = {
+    "causal": {"objective": "clm"},
+    "mlm_nsp": {"objectives": {"nsp": {"ratio": 1, "nsp_weight": 1.0}}},
+    "hybrid": {"objectives": {"clm": {"ratio": 1}, "mlm": {"ratio": 3, "nsp_weight": 0.5}}},
+    "mlm_only": {"objectives": {"mlm": {"ratio": 1}}},
+}
+TITLES = {"causal": "causal only", "mlm_nsp": "MLM + NSP only", "hybrid": "hybrid 1 causal : 3 MLM+NSP",
+          "mlm_only": "MLM only (no NSP)"}
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def stories() -> list[str]:
+    """TinyStories stories: stories end at a single newline, paragraphs inside them at a blank line."""
+    text = STORIES.read_text(encoding="utf-8")
+    return [s.replace("\0", "\n\n").strip() for s in text.replace("\n\n", "\0").split("\n") if s.strip()]
+
+
+def prepare(directory: Path, vocab_size: int) -> dict:
+    from flashlm.data.shards import prepare_shards
+    from flashlm.tokenizer import Tokenizer
+
+    docs = stories()
+    tok = Tokenizer.train(iter(docs), vocab_size=vocab_size, show_progress=False)
+    tok.save(directory)
+    return prepare_shards(iter(docs), tok, directory, val_fraction=0.05, workers=1, progress=False)
+
+
+# ---- one variant (in its own process) --------------------------------------------------------------
+def run_variant(name: str, data: str, out: str, settings: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(settings["threads"])
+    from flashlm.config import RunConfig
+    from flashlm.data.batches import IGNORE_INDEX, eval_batches
+    from flashlm.evaluate.masked import mlm_accuracy, nsp_accuracy, open_split
+    from flashlm.model.transformer import FlashLM
+    from flashlm.train.checkpoint import latest_checkpoint
+    from flashlm.train.loop import train
+    from flashlm.train.objectives import lm_cross_entropy
+
+    seq = settings["seq_len"]
+    cfg = RunConfig.from_dict({
+        "model": {"preset": "tiny", "max_seq_len": seq, "sliding_window": min(128, seq)},
+        "train": {"data": data, "out": out, "steps": settings["steps"], "batch_size": settings["batch_size"],
+                  "seq_len": seq, "lr": settings["lr"], "warmup_steps": max(1, settings["steps"] // 10),
+                  "log_every": 10, "eval_every": 10**9, "save_every": 10**9, "eval_batches": 1,
+                  "device": "cpu", "seed": 1337, "masking": MASKING, **VARIANTS[name]},
+    })
+    began = time.perf_counter()
+    summary = train(cfg)
+    wall = time.perf_counter() - began
+    rows = [r for r in summary["history"] if "tokens_per_s" in r]
+    model = FlashLM.from_pretrained(latest_checkpoint(Path(out) / "checkpoints"))
+    stream = open_split(data)
+    nats = tokens = 0.0
+    with torch.no_grad():
+        for batch in eval_batches(stream, seq, 16, 10**9):
+            logits = model(batch.input_ids).logits
+            nats += float(lm_cross_entropy(logits, batch.targets, reduction="sum"))
+            tokens += int((batch.targets != IGNORE_INDEX).sum())
+    mlm = mlm_accuracy(model, stream, seq, windows=10**9, rate=0.15, next_token=True)
+    nsp = nsp_accuracy(model, stream, seq, pairs=512)
+    trained = settings["steps"] * settings["batch_size"] * seq
+    last = {k: v for k, v in rows[-1].items() if k.endswith(("_loss", "_acc"))} if rows else {}
+    return {
+        "variant": name,
+        "title": TITLES[name],
+        "objective": VARIANTS[name],
+        "causal_loss": nats / tokens,
+        "causal_tokens": int(tokens),
+        "mlm_acc": mlm["mlm_acc"],
+        "unigram_acc": mlm["unigram_acc"],
+        "masked_tokens": mlm["masked_tokens"],
+        "nsp_acc": nsp["nsp_acc"],
+        "train_tokens": trained,
+        "train_seconds": round(wall, 1),
+        "tokens_per_s": trained / wall,
+        "median_logged_tokens_per_s": sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2] if rows else None,
+        "last_train_metrics": last,
+        "parameters": model.num_parameters(),
+    }
+
+
+# ---- reporting ------------------------------------------------------------------------------------
+def machine() -> dict:
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    models = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": models[0] if models else platform.processor(), "cpus": cpus, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def checks(runs: dict) -> dict:
+    """The goals: hybrid causal loss within 5% of causal-only; hybrid MLM accuracy within 2 points."""
+    out: dict = {}
+    if "hybrid" in runs and "causal" in runs:
+        rel = runs["hybrid"]["causal_loss"] / runs["causal"]["causal_loss"] - 1
+        out["hybrid_causal_loss_vs_causal"] = round(rel, 4)
+        out["causal_goal_met"] = rel <= GOAL_CAUSAL_REL
+    masked = [k for k in ("mlm_nsp", "mlm_only") if k in runs]
+    if "hybrid" in runs and masked:
+        best = max(masked, key=lambda k: runs[k]["mlm_acc"])
+        gap = 100 * (runs[best]["mlm_acc"] - runs["hybrid"]["mlm_acc"])
+        out["hybrid_mlm_points_below_best_masked"] = round(gap, 2)
+        out["mlm_reference"] = best
+        out["mlm_goal_met"] = gap <= GOAL_MLM_POINTS
+    if "mlm_nsp" in runs and "mlm_only" in runs:
+        out["nsp_effect_on_mlm_points"] = round(100 * (runs["mlm_nsp"]["mlm_acc"] - runs["mlm_only"]["mlm_acc"]), 2)
+    return out
+
+
+def write_markdown(report: dict) -> None:
+    s, m, c, runs = report["settings"], report["machine"], report["checks"], report["runs"]
+    budget = s["steps"] * s["batch_size"] * s["seq_len"]
+    lines = [
+        BEGIN,
+        "## Objectives: causal vs MLM+NSP vs hybrid (`bench/objectives.py`)",
+        "",
+        f"The `tiny` preset ({runs[next(iter(runs))]['parameters']:,} parameters) trained from one seed on "
+        f"TinyStories stories (train head, byte-level BPE of {s['vocab_size']} tokens, 5% of the stories "
+        f"held out) for an equal budget of {budget:,} tokens each ({s['steps']} steps × {s['batch_size']} × "
+        f"{s['seq_len']}, lr {s['lr']}, warmup + cosine). Masking 30% → 15%, spans of 1-3, masked next-token "
+        f"prediction. Held-out: causal loss over every window, masked-token accuracy at 15% (unigram baseline "
+        f"in brackets), NSP accuracy on 512 fixed pairs (chance 50%). {m['cpus']} CPUs ({m['cpu']}), torch "
+        f"{m['torch']}, {s['jobs']} variants at a time with {s['threads']} thread(s) each; load average "
+        f"before/after {report['loadavg_before']} / {report['loadavg_after']} (a shared machine: tokens/s "
+        "are comparable between rows, not absolute).",
+        "",
+        "| variant | held-out causal loss | MLM accuracy (unigram) | NSP accuracy | train tokens/s (median) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in runs.values():
+        speed = r["median_logged_tokens_per_s"] or r["tokens_per_s"]
+        lines.append(f"| {r['title']} | {r['causal_loss']:.3f} | {100 * r['mlm_acc']:.1f}% "
+                     f"({100 * r['unigram_acc']:.1f}%) | {100 * r['nsp_acc']:.1f}% | {speed:,.0f} |")
+    notes = []
+    if "hybrid_causal_loss_vs_causal" in c:
+        notes.append(f"Hybrid causal loss vs causal-only: {100 * c['hybrid_causal_loss_vs_causal']:+.1f}% "
+                     f"(goal ≤ +5%: {'met' if c['causal_goal_met'] else 'NOT met'}).")
+    if "hybrid_mlm_points_below_best_masked" in c:
+        notes.append(f"Hybrid MLM accuracy vs {TITLES[c['mlm_reference']]}: "
+                     f"{-c['hybrid_mlm_points_below_best_masked']:+.1f} points "
+                     f"(goal within 2: {'met' if c['mlm_goal_met'] else 'NOT met'}).")
+    if "nsp_effect_on_mlm_points" in c:
+        notes.append(f"NSP's effect on MLM accuracy (MLM+NSP minus MLM-only): {c['nsp_effect_on_mlm_points']:+.1f} "
+                     "points.")
+    lines += ["", " ".join(notes), ""] if notes else [""]
+    lines += [*report.get("commentary", []), ""] if report.get("commentary") else []
+    lines += [f"Rerun: `{report['command']}` (writes `bench/results/objectives.json`; `--report-only` rewrites "
+              "this section from it).", END]
+    section = "\n".join(lines)
+    header = "# Benchmarks\n\nMeasured numbers, one section a benchmark.\n"
+    text = DOC.read_text(encoding="utf-8") if DOC.exists() else header  # re-read: others edit it too
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOC.write_text(text, encoding="utf-8")
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per variant process")
+    parser.add_argument("--jobs", type=int, default=2, help="variants trained at the same time")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, data, out, settings = args.child
+        print("RESULT " + json.dumps(run_variant(name, data, out, json.loads(settings))), flush=True)
+        return
+    if args.report_only:
+        report = json.loads(RESULTS.read_text(encoding="utf-8"))
+        return write_markdown(report)
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+                "vocab_size": args.vocab_size, "threads": args.threads, "jobs": args.jobs}
+    loadavg_before = [round(x, 2) for x in os.getloadavg()]
+    began = time.perf_counter()
+    runs: dict = {}
+    with tempfile.TemporaryDirectory(prefix="flashlm-bench-objectives-") as tmp:
+        data = Path(tmp) / "shards"
+        meta = prepare(data, args.vocab_size)
+        pending = list(args.variants)
+        active: list[tuple[str, subprocess.Popen]] = []
+        while pending or active:
+            while pending and len(active) < args.jobs:
+                name = pending.pop(0)
+                cmd = [sys.executable, __file__, "--child", name, str(data), str(Path(tmp) / name),
+                       json.dumps(settings)]
+                active.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                                      text=True)))
+            name, proc = active.pop(0)
+            output, _ = proc.communicate()
+            result = next((line[7:] for line in output.splitlines() if line.startswith("RESULT ")), None)
+            if proc.returncode != 0 or result is None:
+                raise SystemExit(f"variant {name} failed (exit {proc.returncode}): {output[-2000:]}")
+            runs[name] = json.loads(result)
+            print(json.dumps(runs[name]), flush=True)
+    runs = {k: runs[k] for k in args.variants}
+    cmd = "nice python bench/objectives.py" + ("" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:]))
+    report = {
+        "benchmark": "objectives",
+        "command": cmd,
+        "machine": machine(),
+        "settings": {**settings, "masking": MASKING, "train_tokens_per_variant":
+                     args.steps * args.batch_size * args.seq_len, "data_splits": meta["splits"]},
+        "loadavg_before": loadavg_before,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "wall_seconds": round(time.perf_counter() - began, 1),
+        "runs": runs,
+        "checks": checks(runs),
+    }
+    if RESULTS.exists():  # keep hand-written commentary across reruns
+        report["commentary"] = json.loads(RESULTS.read_text(encoding="utf-8")).get("commentary", [])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_markdown(report)
+    print(json.dumps(report["checks"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

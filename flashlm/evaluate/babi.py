@@ -1,0 +1,314 @@
+"""bAbI question answering (Weston et al. 2015): parse, fine-tune with prefix-LM batches, score.
+
+File format: ``ID text`` lines; a question line is ``ID question<TAB>answer<TAB>supporting IDs``;
+the ID restarts at 1 with every new story. Each question becomes one example: the story so far
+(its statements only, earlier questions left out, at most the last ``max_sentences`` of them, as
+End-to-End Memory Networks keep 50) plus the question as the bidirectional source, the answer as the
+causal target. Text is lower-cased (names appear in both cases in task 20) and answers are compared
+lower-cased after stripping spaces; predictions come from greedy decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flashlm.config import ModelConfig
+from flashlm.errors import DataError
+from flashlm.model.transformer import FlashLM
+from flashlm.train.finetune import (
+    Example,
+    FinetuneConfig,
+    finetune,
+    greedy_decode,
+    make_example,
+    new_model,
+    prompt_ids,
+)
+
+TASKS = tuple(range(1, 21))
+FAILED_BELOW = 0.95  # bAbI convention: a task "fails" under 95% accuracy
+DATA_SUBDIR = "shared/data/babi-en-1k"
+
+# From scratch: a small all-global model (stories are short) over a word-level BPE vocabulary.
+DEFAULT_MODEL = ModelConfig(
+    vocab_size=512,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=4,
+    d_ff=384,
+    layer_pattern="G",
+    max_seq_len=512,
+)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One bAbI question with the statements of its story that precede it."""
+
+    task: int
+    story: tuple[str, ...]
+    question: str
+    answer: str
+    supporting: tuple[int, ...]  # indices into `story`
+
+
+@dataclass
+class BabiConfig:
+    """How `run_babi` builds, trains and scores the model."""
+
+    tasks: Sequence[int] = TASKS
+    per_task: bool = False  # one model per task instead of one joint model
+    max_sentences: int = 50
+    vocab_size: int = 1024
+    model: ModelConfig | str = field(default_factory=lambda: DEFAULT_MODEL)
+    finetune: FinetuneConfig = field(
+        default_factory=lambda: FinetuneConfig(epochs=30, batch_size=32, lr=2e-3, warmup_steps=100, bucket=32)
+    )
+    train_limit: int | None = None  # questions per task (subsets for quick runs)
+    test_limit: int | None = None
+    eval_batch_size: int = 64
+    device: str = "cpu"  # where a fresh model is built
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+def parse_babi(lines: Iterable[str], task: int = 0) -> list[Question]:
+    """Questions of a bAbI file's lines; a story restarts whenever the line ID is 1."""
+    questions: list[Question] = []
+    story: list[str] = []
+    index: dict[int, int] = {}  # line ID → position in `story`
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line:
+            continue
+        head, _, text = line.partition(" ")
+        if not head.isdigit():
+            raise DataError(f"line {number}: expected 'ID text', got {line[:40]!r}")
+        line_id = int(head)
+        if line_id == 1:
+            story, index = [], {}
+        if "\t" not in text:
+            index[line_id] = len(story)
+            story.append(text.strip())
+            continue
+        parts = text.split("\t")
+        if len(parts) < 2:
+            raise DataError(f"line {number}: a question needs 'question<TAB>answer'")
+        support = tuple(index[int(i)] for i in parts[2].split() if int(i) in index) if len(parts) > 2 else ()
+        questions.append(Question(task, tuple(story), parts[0].strip(), parts[1].strip(), support))
+    return questions
+
+
+def task_file(data_dir: str | os.PathLike, task: int, split: str) -> Path:
+    """``qa{task}_*_{split}.txt`` in ``data_dir``."""
+    hits = sorted(Path(data_dir).glob(f"qa{task}_*_{split}.txt"))
+    if not hits:
+        raise DataError(f"no bAbI file qa{task}_*_{split}.txt in {data_dir}")
+    return hits[0]
+
+
+def find_data(path: str | os.PathLike | None = None) -> Path:
+    """The bAbI directory: ``path``, else $FLASHLM_BABI, else ``shared/data/babi-en-1k`` next to the
+    working directory or to this checkout."""
+    here = Path(__file__).resolve().parents[3]
+    candidates = (
+        [path]
+        if path
+        else [
+            os.environ.get("FLASHLM_BABI"),
+            Path.cwd().parent / DATA_SUBDIR,
+            Path.cwd() / DATA_SUBDIR,
+            here / DATA_SUBDIR,
+        ]
+    )
+    for candidate in candidates:
+        if candidate and any(Path(candidate).glob("qa1_*_train.txt")):
+            return Path(candidate)
+    raise DataError(
+        f"no bAbI data found ({path or 'looked in $FLASHLM_BABI and ' + DATA_SUBDIR}); "
+        "pass --data DIR holding qa1_..._train.txt etc."
+    )
+
+
+def read_task(data_dir: str | os.PathLike, task: int, split: str, limit: int | None = None) -> list[Question]:
+    with open(task_file(data_dir, task, split), encoding="utf-8") as f:
+        questions = parse_babi(f, task)
+    return questions[:limit] if limit is not None else questions
+
+
+# ---- examples -----------------------------------------------------------------------------------
+def source_text(q: Question, max_sentences: int) -> str:
+    """The last ``max_sentences`` statements and the question, lower-cased."""
+    facts = q.story[-max_sentences:] if max_sentences > 0 else ()
+    return " ".join((*facts, q.question)).lower()
+
+
+def target_text(q: Question) -> str:
+    """The answer as the model writes it (a leading space keeps whole-word tokens)."""
+    return " " + q.answer.lower()
+
+
+def normalize(answer: str) -> str:
+    return re.sub(r"\s+", "", answer.lower())
+
+
+def build_examples(tokenizer: Any, questions: Sequence[Question], max_sentences: int, max_len: int) -> list[Example]:
+    return [make_example(tokenizer, source_text(q, max_sentences), target_text(q), max_len) for q in questions]
+
+
+def corpus(questions: Iterable[Question], max_sentences: int) -> Iterable[str]:
+    """Training text for the tokenizer: every source and target."""
+    for q in questions:
+        yield source_text(q, max_sentences) + target_text(q)
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+def predict(
+    model: FlashLM, tokenizer: Any, sources: Sequence[str], batch_size: int = 64, max_new_tokens: int = 8
+) -> list[str]:
+    """Greedy prefix-LM answers to ``<bos> source <sep>`` prompts (a long story loses its start)."""
+    limit = model.cfg.max_seq_len - max_new_tokens - 2
+    prompts = [prompt_ids(tokenizer, s, limit, keep="end") for s in sources]
+    outputs = greedy_decode(model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id or 0, batch_size)
+    return [tokenizer.decode(out).strip() for out in outputs]
+
+
+def score(predictions: Sequence[str], questions: Sequence[Question]) -> dict[int, float]:
+    """Exact-match accuracy per task."""
+    hits: dict[int, list[bool]] = {}
+    for pred, q in zip(predictions, questions, strict=True):
+        hits.setdefault(q.task, []).append(normalize(pred) == normalize(q.answer))
+    return {task: sum(h) / len(h) for task, h in sorted(hits.items())}
+
+
+def evaluate(
+    model: FlashLM, tokenizer: Any, questions: Sequence[Question], max_sentences: int, batch_size: int = 64
+) -> dict[int, float]:
+    sources = [source_text(q, max_sentences) for q in questions]
+    return score(predict(model, tokenizer, sources, batch_size), questions)
+
+
+# ---- the task -----------------------------------------------------------------------------------
+def train_model(
+    train: Sequence[Question], cfg: BabiConfig, model: FlashLM | None = None, tokenizer: Any = None
+) -> tuple[FlashLM, Any, dict[str, Any]]:
+    """Fine-tune ``model`` (or a new one with a tokenizer trained on ``train``) on ``train``."""
+    if model is None:
+        model, tokenizer = new_model(
+            corpus(train, cfg.max_sentences), cfg.model, cfg.vocab_size, cfg.finetune.seed, cfg.device
+        )
+    examples = build_examples(tokenizer, train, cfg.max_sentences, model.cfg.max_seq_len)
+    summary = finetune(model, examples, cfg.finetune)
+    summary["examples"] = len(examples)
+    return model, tokenizer, summary
+
+
+def run_babi(
+    data_dir: str | os.PathLike,
+    cfg: BabiConfig,
+    model: FlashLM | None = None,
+    tokenizer: Any = None,
+    save_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Fine-tune (jointly or per task) and score every task in ``cfg.tasks`` on its test file.
+
+    ``save_dir`` keeps the fine-tuned model and tokenizer (per task: one subdirectory ``qaN`` each).
+    """
+    began = time.perf_counter()
+    train = {t: read_task(data_dir, t, "train", cfg.train_limit) for t in cfg.tasks}
+    test = {t: read_task(data_dir, t, "test", cfg.test_limit) for t in cfg.tasks}
+    groups = [[t] for t in cfg.tasks] if cfg.per_task else [list(cfg.tasks)]
+    accuracy: dict[int, float] = {}
+    runs = []
+    for group in groups:
+        questions = [q for t in group for q in train[t]]
+        net, tok, summary = train_model(questions, _share_budget(cfg, len(groups)), _copy(model), tokenizer)
+        accuracy.update(evaluate(net, tok, [q for t in group for q in test[t]], cfg.max_sentences, cfg.eval_batch_size))
+        runs.append({k: v for k, v in summary.items() if k != "history"} | {"tasks": group})
+        if save_dir is not None:
+            net.save_pretrained(Path(save_dir) / f"qa{group[0]}" if cfg.per_task else save_dir, tok)
+    return _results(accuracy, runs, net, time.perf_counter() - began, summary["history"])
+
+
+def _share_budget(cfg: BabiConfig, parts: int) -> BabiConfig:
+    from dataclasses import replace
+
+    minutes = cfg.finetune.max_minutes
+    ft = replace(cfg.finetune, max_minutes=minutes / parts if minutes else None)
+    return replace(cfg, finetune=ft)
+
+
+def _copy(model: FlashLM | None) -> FlashLM | None:
+    import copy
+
+    return copy.deepcopy(model) if model is not None else None
+
+
+def _results(
+    accuracy: dict[int, float],
+    runs: list[dict[str, Any]],
+    model: FlashLM,
+    seconds: float,
+    history: list[tuple[int, float]],
+) -> dict[str, Any]:
+    mean = sum(accuracy.values()) / len(accuracy)
+    return {
+        "mean_accuracy": mean,
+        "accuracy": {str(t): a for t, a in accuracy.items()},
+        "failed_tasks": sum(a < FAILED_BELOW for a in accuracy.values()),
+        "train_seconds": sum(r["seconds"] for r in runs),
+        "total_seconds": seconds,
+        "parameters": model.num_parameters(),
+        "model_config": model.cfg.to_dict(),
+        "runs": runs,
+        "loss_history": history,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The report section: per-task accuracy, the mean and the time."""
+    from flashlm.evaluate.report import table
+
+    rows = [(f"qa{t}", a) for t, a in results["accuracy"].items()]
+    rows.append(("mean", results["mean_accuracy"]))
+    head = (
+        f"Mean accuracy {100 * results['mean_accuracy']:.1f}% over {len(results['accuracy'])} tasks, "
+        f"{results['failed_tasks']} under 95%; training {results['train_seconds'] / 60:.1f} min, "
+        f"total {results['total_seconds'] / 60:.1f} min."
+    )
+    return head + "\n\n" + table(("task", "accuracy"), rows)
+
+
+def _register() -> None:
+    from flashlm.evaluate.report import SECTIONS
+
+    SECTIONS.setdefault("babi", markdown)
+
+
+_register()
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "TASKS",
+    "BabiConfig",
+    "Question",
+    "build_examples",
+    "evaluate",
+    "find_data",
+    "markdown",
+    "parse_babi",
+    "predict",
+    "read_task",
+    "run_babi",
+    "score",
+    "source_text",
+    "task_file",
+    "target_text",
+    "train_model",
+]

@@ -1,0 +1,429 @@
+"""Supervised fine-tuning on in-memory examples (bAbI, translation, span QA).
+
+A prefix-LM example is ``<bos> source <sep> target <eos>``: the source (and its framing) attends
+bidirectionally (``mode="prefix"``, ``prefix_len = len(bos + source + sep)``), the target causally,
+and only the target tokens and the closing ``<eos>`` carry loss. Rows are padded on the right; the
+padding sits in its own document (``doc_ids``), so no real token ever attends to it, and its
+targets are ignored.
+
+`fit` is the loop itself, shared with other heads (the SQuAD span head): deterministic shuffling by
+seed (with optional length bucketing, which cuts padding), AdamW with the pre-training loop's
+parameter groups and warmup + cosine schedule, gradient clipping, a rich progress bar, and both a
+step and a time budget. Warmup counts steps; the cosine after it follows the share of the run done,
+steps or time, whichever is further along, so a run cut short by the clock still ends decayed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashlm.config import ModelConfig, TrainConfig, get_preset, replace
+from flashlm.data.batches import IGNORE_INDEX, Batch
+from flashlm.errors import ConfigError
+from flashlm.model.transformer import FlashLM
+from flashlm.train.loop import autocast_for, build_optimizer, clip_gradients, lr_factor, seed_everything
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+SCHEDULE_STEPS = 10_000  # resolution of the cosine, indexed by the fraction of the budget used
+
+
+class Example(NamedTuple):
+    """One framed prefix-LM sequence: ``ids`` = bos + source + sep + target + eos."""
+
+    ids: list[int]
+    prefix_len: int  # len(bos + source + sep): the bidirectional part
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of a fine-tuning run. The run stops at whichever budget ends first."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    clock: str = "wall"  # what max_minutes counts: "wall" time or this process's "cpu" time (all threads)
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0  # prefix-LM loss only
+    precision: str = "fp32"  # fp32 | bf16 (autocast; pays off on CPUs with AMX for d_model >= 256) | auto
+    seed: int = 0
+    bucket: int = 32  # sort by length inside groups of this many batches (0 or 1: plain shuffle)
+    log_every: int = 20
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first bad setting."""
+        checks = [
+            (self.batch_size > 0, "batch_size", "must be positive"),
+            (self.lr > 0, "lr", "must be positive"),
+            (self.epochs > 0, "epochs", "must be positive"),
+            (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be positive"),
+            (self.max_steps is None or self.max_steps >= 0, "max_steps", "must be >= 0"),
+            (self.clock in ("wall", "cpu"), "clock", "must be wall or cpu"),
+            (self.precision in ("fp32", "bf16", "auto"), "precision", "must be fp32, bf16 or auto"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"finetune.{key}: {msg}, got {getattr(self, key)!r}")
+
+    def train_config(self) -> TrainConfig:
+        """The pre-training loop's config with these optimizer settings and a cosine over
+        `SCHEDULE_STEPS` without warmup (`fit` warms up by steps and indexes it by progress)."""
+        return TrainConfig(
+            steps=SCHEDULE_STEPS,
+            lr=self.lr,
+            min_lr_ratio=self.min_lr_ratio,
+            warmup_steps=0,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            grad_clip=self.grad_clip,
+            seed=self.seed,
+            device="cpu",
+        )
+
+
+# ---- examples -----------------------------------------------------------------------------------
+def make_example(
+    tokenizer: Any, source: str | Sequence[int], target: str | Sequence[int], max_len: int | None = None
+) -> Example:
+    """Frame one (source, target) pair; texts are encoded, id lists used as they are.
+
+    When ``max_len`` is given, the source loses tokens from its start until the sequence fits.
+    """
+    src = tokenizer.encode(source) if isinstance(source, str) else list(source)
+    tgt = tokenizer.encode(target) if isinstance(target, str) else list(target)
+    if max_len is not None:
+        room = max_len - len(tgt) - 3
+        if room < 1:
+            raise ValueError(f"a target of {len(tgt)} tokens leaves no room for a source in {max_len}")
+        src = src[-room:]
+    ids = [tokenizer.bos_id, *src, tokenizer.sep_id, *tgt, tokenizer.eos_id]
+    return Example(ids, len(src) + 2)
+
+
+def collate_prefix(examples: Sequence[Example], pad_id: int = 0) -> Batch:
+    """Right-padded prefix-LM batch; targets outside the target span + eos are ignored."""
+    width = max(len(e.ids) for e in examples) - 1
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    doc_ids = torch.ones((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        ids = torch.tensor(ex.ids, dtype=torch.long)
+        n = len(ex.ids) - 1
+        inputs[row, :n] = ids[:-1]
+        doc_ids[row, :n] = 0
+        first = ex.prefix_len - 1  # the <sep> position predicts the first target token
+        targets[row, first:n] = ids[first + 1 :]
+    prefix_len = torch.tensor([e.prefix_len for e in examples], dtype=torch.long)
+    return Batch(inputs, targets, "prefix", doc_ids, prefix_len)
+
+
+def prefix_lm_loss(model: nn.Module, batch: Batch, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens; logits only where there is a target."""
+    out = model(
+        batch.input_ids,
+        mode=batch.mode,
+        prefix_len=batch.prefix_len,
+        doc_ids=batch.doc_ids,
+        compute_logits=False,
+    )
+    keep = batch.targets != IGNORE_INDEX
+    logits = model.logits(out.hidden[keep])
+    return F.cross_entropy(logits.float(), batch.targets[keep], label_smoothing=label_smoothing)
+
+
+# ---- batching -----------------------------------------------------------------------------------
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: int = 0) -> list[np.ndarray]:
+    """Index batches of one epoch, a pure function of (seed, epoch).
+
+    With ``bucket > 1`` the shuffled indices are sorted by length inside groups of ``bucket``
+    batches, then the batches are shuffled again: rows of a batch have similar lengths.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if bucket > 1:
+        lens = np.asarray(lengths)
+        group = batch_size * bucket
+        order = np.concatenate(
+            [
+                chunk[np.argsort(lens[chunk], kind="stable")]
+                for chunk in np.split(order, range(group, len(order), group))
+            ]
+        )
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))] if bucket > 1 else batches
+
+
+def _batch_stream(lengths: Sequence[int], cfg: FinetuneConfig) -> Iterable[np.ndarray]:
+    epoch = 0
+    while True:
+        yield from epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket)
+        epoch += 1
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def fit(
+    module: nn.Module,
+    items: Sequence[Any],
+    collate: Callable[[Sequence[Any]], Any],
+    loss_fn: LossFn,
+    cfg: FinetuneConfig,
+    lengths: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Train ``module`` on ``items`` (batched by ``collate``, scored by ``loss_fn``); return metrics.
+
+    ``lengths`` (tokens per item) enables length bucketing and the tokens/s figure.
+    """
+    if not items:
+        raise ValueError("fine-tuning needs at least one example")
+    cfg.validate()
+    lengths = list(lengths) if lengths is not None else [1] * len(items)
+    per_epoch = math.ceil(len(items) / cfg.batch_size)
+    total = math.ceil(cfg.epochs * per_epoch)
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    tcfg = cfg.train_config()
+    warmup = min(cfg.warmup_steps, max(total // 10, 1))
+    seed_everything(cfg.seed)
+    device = next(module.parameters()).device
+    optimizer = build_optimizer(module, tcfg, device)
+    amp = autocast_for(cfg.precision, device)
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    state = _Run(total=total, budget=budget, clock=cfg.clock)
+    module.train()
+    with _progress(cfg.progress) as bar:
+        for step, rows in enumerate(_batch_stream(lengths, cfg)):
+            if step >= total or state.out_of_time():
+                break
+            cosine = lr_factor(round(state.progress(step) * SCHEDULE_STEPS), tcfg)
+            _set_lr(optimizer, cfg.lr * min(1.0, (step + 1) / warmup) * cosine)
+            batch = collate([items[i] for i in rows])
+            loss = _train_step(module, optimizer, loss_fn, _to(batch, device), cfg.grad_clip, amp)
+            state.record(step, loss, sum(lengths[i] for i in rows), cfg.log_every)
+            bar(state)
+    module.eval()
+    return state.summary(per_epoch)
+
+
+def finetune(model: FlashLM, examples: Sequence[Example], cfg: FinetuneConfig) -> dict[str, Any]:
+    """Prefix-LM fine-tuning of ``model`` on framed examples (see `make_example`)."""
+    loss = lambda m, b: prefix_lm_loss(m, b, cfg.label_smoothing)
+    return fit(model, examples, collate_prefix, loss, cfg, [len(e.ids) for e in examples])
+
+
+def _train_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    batch: Any,
+    grad_clip: float,
+    amp: Callable[[], AbstractContextManager],
+) -> float:
+    with amp():
+        loss = loss_fn(module, batch)
+    loss.backward()
+    clip_gradients(module, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if hasattr(batch, "to"):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+@dataclass
+class _Run:
+    """Step and clock bookkeeping of one `fit` call."""
+
+    total: int
+    budget: float | None
+    clock: str = "wall"
+    start: float = 0.0
+    cpu_start: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    window: float = 0.0
+    window_n: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+
+    def __post_init__(self) -> None:
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.history: list[tuple[int, float]] = []
+
+    def elapsed(self) -> float:
+        """Seconds on the budget's clock: wall time, or this process's CPU time (all threads)."""
+        if self.clock == "cpu":
+            return time.process_time() - self.cpu_start
+        return time.perf_counter() - self.start
+
+    def out_of_time(self) -> bool:
+        return self.budget is not None and self.elapsed() >= self.budget
+
+    def progress(self, step: int) -> float:
+        """Share of the run done: of the steps, or of the time budget when the clock runs ahead."""
+        done = step / max(self.total, 1)
+        if self.budget is not None:
+            done = max(done, self.elapsed() / self.budget)
+        return min(done, 1.0)
+
+    def record(self, step: int, loss: float, tokens: int, log_every: int) -> None:
+        self.steps, self.tokens = step + 1, self.tokens + tokens
+        self.window, self.window_n = self.window + loss, self.window_n + 1
+        if self.window_n >= log_every or self.steps == self.total:
+            self._flush()
+
+    def summary(self, per_epoch: int) -> dict[str, Any]:
+        if self.window_n:  # a partial window left by the clock
+            self._flush()
+        seconds = time.perf_counter() - self.start
+        return {
+            "steps": self.steps,
+            "epochs": self.steps / per_epoch,
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - self.cpu_start,
+            "first_loss": self.first_loss,
+            "final_loss": self.last_loss,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / max(seconds, 1e-9),
+            "history": self.history,
+        }
+
+    def _flush(self) -> None:
+        mean = self.window / self.window_n
+        self.history.append((self.steps, mean))
+        self.first_loss = mean if self.first_loss is None else self.first_loss
+        self.last_loss, self.window, self.window_n = mean, 0.0, 0
+
+
+class _progress:
+    """A rich progress bar (stderr) over the share of the run done (steps or clock), as a context
+    manager yielding an update function; or nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar, self.task = enabled, None, None
+
+    def __enter__(self) -> Callable[[_Run], None]:
+        if not self.enabled:
+            return lambda state: None
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]fine-tune"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("step {task.fields[step]}  loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task("fine-tune", total=1.0, loss="-", step=0)
+        self.bar.start()
+        return self._update
+
+    def _update(self, state: _Run) -> None:
+        loss = f"{state.last_loss:.4f}" if state.last_loss is not None else "-"
+        self.bar.update(self.task, completed=state.progress(state.steps), loss=loss, step=state.steps)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ---- decoding -----------------------------------------------------------------------------------
+def prompt_ids(tokenizer: Any, source: str, limit: int, keep: str = "start") -> list[int]:
+    """``<bos> source <sep>``, the source cut to ``limit`` tokens keeping its "start" or its "end"."""
+    ids = tokenizer.encode(source)
+    ids = ids[:limit] if keep == "start" else ids[max(len(ids) - limit, 0) :]
+    return [tokenizer.bos_id, *ids, tokenizer.sep_id]
+
+
+def length_batches(prompts: Sequence[Sequence[int]], size: int) -> Iterator[list[int]]:
+    """Indices of ``prompts`` in batches of ``size``, shortest first (little padding)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for first in range(0, len(order), size):
+        yield order[first : first + size]
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: FlashLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """Greedy prefix-LM continuations of ``<bos> source <sep>`` prompts, without the final <eos>."""
+    from flashlm.generate import Sampling, generate_tokens
+
+    model.eval()
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, prefix_lm=True)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for rows in length_batches(prompts, batch_size):
+        for step in generate_tokens(model, [prompts[i] for i in rows], sampling, eos_id=eos_id, pad_id=pad_id):
+            for i, token in zip(rows, step, strict=True):
+                if token is not None and token != eos_id:
+                    outputs[i].append(token)
+    return outputs
+
+
+# ---- models from scratch ------------------------------------------------------------------------
+def new_model(
+    texts: Iterable[str],
+    model: ModelConfig | str,
+    vocab_size: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    **changes: Any,
+) -> tuple[FlashLM, Any]:
+    """A tokenizer trained on ``texts`` and a fresh FlashLM sized to it (a preset name or a config;
+    ``changes`` override config fields, e.g. ``layer_pattern="G"``)."""
+    from flashlm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(iter(texts), vocab_size=vocab_size, show_progress=False)
+    cfg = get_preset(model) if isinstance(model, str) else model
+    cfg = replace(cfg, vocab_size=tokenizer.vocab_size, **changes)
+    seed_everything(seed)
+    return FlashLM(cfg).to(device), tokenizer
+
+
+__all__ = [
+    "Example",
+    "FinetuneConfig",
+    "collate_prefix",
+    "epoch_batches",
+    "finetune",
+    "fit",
+    "greedy_decode",
+    "length_batches",
+    "make_example",
+    "new_model",
+    "prefix_lm_loss",
+    "prompt_ids",
+]

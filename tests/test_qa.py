@@ -1,0 +1,202 @@
+"""Question answering: the bAbI parser and task, span decoding, windows and SQuAD end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashlm.config import ModelConfig
+from flashlm.errors import DataError
+from flashlm.evaluate import babi, squad
+from flashlm.evaluate.babi import BabiConfig, Question, parse_babi, read_task, run_babi, score, source_text
+from flashlm.evaluate.squad import (
+    SquadConfig,
+    SquadItem,
+    best_span,
+    make_windows,
+    merge_windows,
+    read_squad,
+    run_squad,
+    squad_from_babi,
+)
+from flashlm.tokenizer import Tokenizer
+from flashlm.train.finetune import FinetuneConfig
+
+BABI = Path(__file__).resolve().parents[2] / "shared" / "data" / "babi-en-1k"
+if not BABI.is_dir():
+    BABI = Path("/work/shared/data/babi-en-1k")
+
+SNIPPET = """\
+1 Mary moved to the bathroom.
+2 John went to the hallway.
+3 Where is Mary? \tbathroom\t1
+4 Daniel went back to the hallway.
+5 Sandra moved to the garden.
+6 Where is Daniel? \thallway\t4
+1 Sandra travelled to the office.
+2 Sandra went to the bathroom.
+3 Where is Sandra? \tbathroom\t2
+"""
+
+TINY = ModelConfig(
+    vocab_size=512,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=4,
+    d_ff=128,
+    layer_pattern="G",
+    max_seq_len=128,
+)
+
+
+# ---- bAbI ---------------------------------------------------------------------------------------
+def test_parse_babi_resets_stories_and_reads_answers_and_support():
+    questions = parse_babi(SNIPPET.splitlines(), task=1)
+    assert len(questions) == 3
+    first, second, third = questions
+    assert first.story == ("Mary moved to the bathroom.", "John went to the hallway.")
+    assert (first.question, first.answer, first.supporting) == ("Where is Mary?", "bathroom", (0,))
+    # the earlier question line is not part of the story; IDs map past it
+    assert second.story[-2:] == ("Daniel went back to the hallway.", "Sandra moved to the garden.")
+    assert len(second.story) == 4 and second.supporting == (2,)
+    assert third.story == ("Sandra travelled to the office.", "Sandra went to the bathroom.")
+    assert third.supporting == (1,) and third.task == 1
+
+
+def test_parse_babi_rejects_malformed_lines():
+    with pytest.raises(DataError):
+        parse_babi(["Mary moved to the bathroom."])
+
+
+def test_source_text_keeps_the_last_sentences_and_lowercases():
+    q = Question(1, ("A b.", "C d.", "E f."), "Where is X?", "g", (2,))
+    assert source_text(q, 2) == "c d. e f. where is x?"
+    assert source_text(q, 0) == "where is x?"
+
+
+def test_score_is_exact_match_per_task():
+    qs = [
+        Question(1, (), "q", "garden", ()),
+        Question(1, (), "q", "n,w", ()),
+        Question(2, (), "q", "Bill", ()),
+    ]
+    assert score(["garden", "n, w", "bill"], qs) == {1: 1.0, 2: 1.0}
+    assert score(["kitchen", "n,w", "Fred"], qs) == {1: 0.5, 2: 0.0}
+
+
+def test_real_babi_files_parse_to_1000_questions_per_task():
+    for task in (1, 3, 20):
+        assert len(read_task(BABI, task, "train")) == 1000
+        assert len(read_task(BABI, task, "test")) == 1000
+
+
+def test_babi_end_to_end_tiny(tmp_path):
+    cfg = BabiConfig(
+        tasks=(1, 4),
+        model=TINY,
+        vocab_size=400,
+        train_limit=60,
+        test_limit=12,
+        finetune=FinetuneConfig(max_steps=6, batch_size=16, progress=False),
+    )
+    results = run_babi(BABI, cfg)
+    assert set(results["accuracy"]) == {"1", "4"}
+    assert all(0.0 <= a <= 1.0 for a in results["accuracy"].values())
+    assert results["mean_accuracy"] == pytest.approx(sum(results["accuracy"].values()) / 2)
+    assert results["runs"][0]["steps"] == 6
+    assert "qa4" in babi.markdown(results)
+
+
+# ---- span decoding ------------------------------------------------------------------------------
+def test_best_span_picks_the_best_valid_span():
+    start = torch.tensor([9.0, 1.0, 0.0, 5.0, 0.0, 0.0])
+    end = torch.tensor([9.0, 8.0, 0.0, 0.0, 1.0, 6.0])
+    valid = torch.tensor([False, True, True, True, True, True])  # position 0 is outside the context
+    # (0, 0) = 18 is outside the context and (3, 1) = 13 ends before it starts: (3, 5) = 11 wins
+    assert best_span(start, end, valid, max_answer_len=10) == (3, 5, 11.0)
+    assert best_span(start, end, valid, max_answer_len=3) == (3, 5, 11.0)
+    # at most 2 tokens: (3, 5) is too long and (1, 1) = 9 beats (3, 4) = 6
+    assert best_span(start, end, valid, max_answer_len=2) == (1, 1, 9.0)
+
+
+def test_best_span_never_ends_before_it_starts():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        start, end = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
+        valid = torch.rand(12, generator=gen) > 0.3
+        if not valid.any():
+            continue
+        s, e, _ = best_span(start, end, valid, max_answer_len=3)
+        assert s <= e < s + 3 and valid[s] and valid[e]
+
+
+def test_merge_windows_keeps_the_best_score_per_item():
+    merged = merge_windows([(0, "garden", 1.0), (0, "kitchen", 3.0), (1, "office", -2.0), (0, "hall", 2.0)])
+    assert merged == {0: "kitchen", 1: "office"}
+
+
+@pytest.fixture(scope="module")
+def babi_tokenizer() -> Tokenizer:
+    text = [" ".join(q.story) + " " + q.question for q in read_task(BABI, 1, "train", 300)]
+    return Tokenizer.train(iter(text), vocab_size=400, show_progress=False)
+
+
+def test_windows_overlap_and_map_the_answer_back_to_text(babi_tokenizer):
+    words = [f"w{i}" for i in range(60)]
+    context = " ".join(words[:40]) + " the garden " + " ".join(words[40:])
+    item = SquadItem("x", "Where is it?", context, ("garden",), (context.index("garden"),))
+    windows = make_windows(babi_tokenizer, [item], max_len=48, doc_stride=12)
+    assert len(windows) > 2
+    n_context = len(babi_tokenizer.encode(context))
+    covered = set()
+    for w in windows:
+        assert len(w.ids) <= 48 and w.ids[0] == babi_tokenizer.bos_id and w.ids[-1] == babi_tokenizer.eos_id
+        first = w.offsets[0]
+        covered.update(i for i, off in enumerate(babi_tokenizer.backend.encode(context).offsets) if off in w.offsets)
+        if w.start:
+            a, b = w.offsets[w.start - w.context_start][0], w.offsets[w.end - w.context_start][1]
+            assert context[a:b].strip() == "garden"
+        assert first[0] <= len(context)
+    assert len(covered) == n_context
+    assert sum(1 for w in windows if w.start) >= 1 and sum(1 for w in windows if w.start == 0) >= 1
+    for prev, nxt in zip(windows, windows[1:], strict=False):
+        assert set(prev.offsets) & set(nxt.offsets)  # neighbours overlap
+
+
+def test_squad_from_babi_points_at_the_answer():
+    data = squad_from_babi(parse_babi(SNIPPET.splitlines(), 1))
+    for para in data["data"][0]["paragraphs"]:
+        answer = para["qas"][0]["answers"][0]
+        assert para["context"][answer["answer_start"] :][: len(answer["text"])] == answer["text"]
+
+
+def test_squad_end_to_end_on_babi_stories(tmp_path):
+    for split, limit in (("train", 120), ("test", 20)):
+        data = squad_from_babi(read_task(BABI, 1, split, limit))
+        (tmp_path / f"{split}.json").write_text(json.dumps(data))
+    assert len(read_squad(tmp_path / "test.json")) == 20
+    cfg = SquadConfig(
+        max_len=48,
+        doc_stride=16,
+        model=TINY,
+        vocab_size=400,
+        finetune=FinetuneConfig(max_steps=8, batch_size=16, progress=False),
+    )
+    results = run_squad(tmp_path / "train.json", tmp_path / "test.json", cfg)
+    assert 0.0 <= results["exact_match"] <= 100.0 and 0.0 <= results["f1"] <= 100.0
+    assert results["f1"] >= results["exact_match"]
+    assert results["eval_windows"] >= 20 and results["train"]["steps"] == 8
+
+
+def test_span_qa_saves_and_loads(tmp_path, babi_tokenizer):
+    from flashlm.model.transformer import FlashLM
+
+    qa = squad.SpanQA(FlashLM(TINY)).eval()
+    qa.save_pretrained(tmp_path / "qa", babi_tokenizer)
+    again = squad.SpanQA.from_pretrained(tmp_path / "qa")
+    ids = torch.tensor([[1, 20, 30, 4, 50, 60, 2]])
+    assert torch.allclose(qa(ids), again(ids), atol=1e-6)
