@@ -39,7 +39,7 @@ def model_config(vocab_size: int, student: bool = False):
     return replace(base, vocab_size=vocab_size, max_seq_len=256, sliding_window=64)
 
 
-HYBRID = {"clm": {"ratio": 1}, "mlm": {"ratio": 3, "nsp_weight": 0.5}}  # 1 causal : 3 masked(+NSP) steps
+HYBRID = {"clm": {"ratio": 1}, "mlm": {"ratio": 1, "nsp_weight": 0.5}}  # 1 causal : 1 masked(+NSP) step
 MASKING = {"rate": 0.3, "rate_end": 0.15, "max_span": 3}
 
 
@@ -145,8 +145,10 @@ def masked_scores(model_dir: str, shards: Path) -> dict[str, float]:
     """Held-out masked-token and next-sentence accuracy of a checkpoint."""
     from flashlm.evaluate.masked import masked_metrics
     from flashlm.model.transformer import FlashLM
+    from flashlm.tokenizer import Tokenizer
 
-    scores = masked_metrics(FlashLM.from_pretrained(model_dir), shards, windows=128, pairs=256)
+    scores = masked_metrics(FlashLM.from_pretrained(model_dir), shards, tokenizer=Tokenizer.load(model_dir),
+                            windows=128, pairs=256)
     return {"mlm_acc": scores["mlm_acc"], "nsp_acc": scores["nsp_acc"], "unigram_acc": scores["unigram_acc"]}
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite trains many tiny models, and several tests start subprocesses (CLI runs, torchrun with two
+# ranks): one intra-op thread per process avoids oversubscribing the cores and is faster for tiny models.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -22,3 +27,9 @@ def trained_tokenizer():
 
     stories = SHARED_DATA / "tinystories" / "tinystories_train_head.txt"
     return Tokenizer.train(stories, 512, show_progress=False)
+
+
+def pytest_configure(config) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
