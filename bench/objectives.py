@@ -1,5 +1,5 @@
 """Benchmark the pre-training objectives at an equal token budget: causal-only, MLM+NSP-only, the
-hybrid (1 causal : 3 masked steps, masked steps on NSP pairs) and MLM-only (the NSP ablation).
+hybrid (1 causal : 3 masked steps, masked steps on NSP pairs; also 1 : 1) and MLM-only (the NSP ablation).
 
 Every variant trains the `tiny` preset (~5M parameters) from the same seed for the same steps ×
 batch × seq_len tokens on TinyStories (the train head of ../shared/data, one *story* a document,
@@ -36,10 +36,11 @@ VARIANTS = {
     "causal": {"objective": "clm"},
     "mlm_nsp": {"objectives": {"nsp": {"ratio": 1, "nsp_weight": 1.0}}},
     "hybrid": {"objectives": {"clm": {"ratio": 1}, "mlm": {"ratio": 3, "nsp_weight": 0.5}}},
+    "hybrid_1to1": {"objectives": {"clm": {"ratio": 1}, "mlm": {"ratio": 1, "nsp_weight": 0.5}}},
     "mlm_only": {"objectives": {"mlm": {"ratio": 1}}},
 }
 TITLES = {"causal": "causal only", "mlm_nsp": "MLM + NSP only", "hybrid": "hybrid 1 causal : 3 MLM+NSP",
-          "mlm_only": "MLM only (no NSP)"}
+          "hybrid_1to1": "hybrid 1 causal : 1 MLM+NSP", "mlm_only": "MLM only (no NSP)"}
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -84,6 +85,9 @@ def run_variant(name: str, data: str, out: str, settings: dict) -> dict:
     summary = train(cfg)
     wall = time.perf_counter() - began
     rows = [r for r in summary["history"] if "tokens_per_s" in r]
+    if settings.get("speed_only"):  # skip the first row (warm-up) when there are others
+        speeds = sorted(r["tokens_per_s"] for r in rows[1:] or rows)
+        return {"variant": name, "isolated_tokens_per_s": speeds[len(speeds) // 2]}
     model = FlashLM.from_pretrained(latest_checkpoint(Path(out) / "checkpoints"))
     stream = open_split(data)
     nats = tokens = 0.0
@@ -127,19 +131,21 @@ def machine() -> dict:
 
 
 def checks(runs: dict) -> dict:
-    """The goals: hybrid causal loss within 5% of causal-only; hybrid MLM accuracy within 2 points."""
+    """The goals, for each hybrid: causal loss within 5% of causal-only; MLM accuracy within 2 points of
+    the best masked-only variant. Also NSP's effect on MLM accuracy (MLM+NSP minus MLM-only)."""
     out: dict = {}
-    if "hybrid" in runs and "causal" in runs:
-        rel = runs["hybrid"]["causal_loss"] / runs["causal"]["causal_loss"] - 1
-        out["hybrid_causal_loss_vs_causal"] = round(rel, 4)
-        out["causal_goal_met"] = rel <= GOAL_CAUSAL_REL
     masked = [k for k in ("mlm_nsp", "mlm_only") if k in runs]
-    if "hybrid" in runs and masked:
-        best = max(masked, key=lambda k: runs[k]["mlm_acc"])
-        gap = 100 * (runs[best]["mlm_acc"] - runs["hybrid"]["mlm_acc"])
-        out["hybrid_mlm_points_below_best_masked"] = round(gap, 2)
-        out["mlm_reference"] = best
-        out["mlm_goal_met"] = gap <= GOAL_MLM_POINTS
+    best = max(masked, key=lambda k: runs[k]["mlm_acc"]) if masked else None
+    for hybrid in (k for k in runs if k.startswith("hybrid")):
+        goals: dict = {}
+        if "causal" in runs:
+            rel = runs[hybrid]["causal_loss"] / runs["causal"]["causal_loss"] - 1
+            goals.update(causal_loss_vs_causal=round(rel, 4), causal_goal_met=rel <= GOAL_CAUSAL_REL)
+        if best is not None:
+            gap = 100 * (runs[best]["mlm_acc"] - runs[hybrid]["mlm_acc"])
+            goals.update(mlm_points_below_best_masked=round(gap, 2), mlm_reference=best,
+                         mlm_goal_met=gap <= GOAL_MLM_POINTS)
+        out[hybrid] = goals
     if "mlm_nsp" in runs and "mlm_only" in runs:
         out["nsp_effect_on_mlm_points"] = round(100 * (runs["mlm_nsp"]["mlm_acc"] - runs["mlm_only"]["mlm_acc"]), 2)
     return out
@@ -159,24 +165,31 @@ def write_markdown(report: dict) -> None:
         f"prediction. Held-out: causal loss over every window, masked-token accuracy at 15% (unigram baseline "
         f"in brackets), NSP accuracy on 512 fixed pairs (chance 50%). {m['cpus']} CPUs ({m['cpu']}), torch "
         f"{m['torch']}, {s['jobs']} variants at a time with {s['threads']} thread(s) each; load average "
-        f"before/after {report['loadavg_before']} / {report['loadavg_after']} (a shared machine: tokens/s "
-        "are comparable between rows, not absolute).",
+        f"before/after {report['loadavg_before']} / {report['loadavg_after']}. Tokens/s: *alone* is the median "
+        f"logged rate of a short run of each variant, one after the other (the fair comparison); *in the run* "
+        "is tokens over wall time of the benchmark run, with variants side by side on a shared machine.",
         "",
-        "| variant | held-out causal loss | MLM accuracy (unigram) | NSP accuracy | train tokens/s (median) |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | held-out causal loss | MLM accuracy (unigram) | NSP accuracy | train tokens/s alone | "
+        "tokens/s in the run |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in runs.values():
-        speed = r["median_logged_tokens_per_s"] or r["tokens_per_s"]
+        alone = f"{r['isolated_tokens_per_s']:,.0f}" if r.get("isolated_tokens_per_s") else "-"
         lines.append(f"| {r['title']} | {r['causal_loss']:.3f} | {100 * r['mlm_acc']:.1f}% "
-                     f"({100 * r['unigram_acc']:.1f}%) | {100 * r['nsp_acc']:.1f}% | {speed:,.0f} |")
+                     f"({100 * r['unigram_acc']:.1f}%) | {100 * r['nsp_acc']:.1f}% | {alone} | "
+                     f"{r['tokens_per_s']:,.0f} |")
     notes = []
-    if "hybrid_causal_loss_vs_causal" in c:
-        notes.append(f"Hybrid causal loss vs causal-only: {100 * c['hybrid_causal_loss_vs_causal']:+.1f}% "
-                     f"(goal ≤ +5%: {'met' if c['causal_goal_met'] else 'NOT met'}).")
-    if "hybrid_mlm_points_below_best_masked" in c:
-        notes.append(f"Hybrid MLM accuracy vs {TITLES[c['mlm_reference']]}: "
-                     f"{-c['hybrid_mlm_points_below_best_masked']:+.1f} points "
-                     f"(goal within 2: {'met' if c['mlm_goal_met'] else 'NOT met'}).")
+    for hybrid, goals in ((k, v) for k, v in c.items() if k.startswith("hybrid")):
+        parts = []
+        if "causal_loss_vs_causal" in goals:
+            parts.append(f"causal loss {100 * goals['causal_loss_vs_causal']:+.1f}% vs causal-only (goal ≤ +5%: "
+                         f"{'met' if goals['causal_goal_met'] else 'NOT met'})")
+        if "mlm_points_below_best_masked" in goals:
+            parts.append(f"MLM accuracy {-goals['mlm_points_below_best_masked']:+.1f} points vs "
+                         f"{TITLES[goals['mlm_reference']]} (goal within 2: "
+                         f"{'met' if goals['mlm_goal_met'] else 'NOT met'})")
+        title = TITLES[hybrid]
+        notes.append(f"{title[0].upper()}{title[1:]}: {'; '.join(parts)}.")
     if "nsp_effect_on_mlm_points" in c:
         notes.append(f"NSP's effect on MLM accuracy (MLM+NSP minus MLM-only): {c['nsp_effect_on_mlm_points']:+.1f} "
                      "points.")
@@ -196,27 +209,71 @@ def write_markdown(report: dict) -> None:
 
 
 # ---- main -----------------------------------------------------------------------------------------
+def run_children(names: list[str], data: Path, tmp: Path, settings: dict, jobs: int) -> dict:
+    """Run `run_variant` for each name in child processes, `jobs` at a time; their results by name."""
+    pending, active, results = list(names), [], {}
+    while pending or active:
+        while pending and len(active) < jobs:
+            name = pending.pop(0)
+            out = tmp / f"{name}-{'speed' if settings.get('speed_only') else 'run'}"
+            cmd = [sys.executable, __file__, "--child", name, str(data), str(out), json.dumps(settings)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            active.append((name, proc))
+        name, proc = active.pop(0)
+        output, _ = proc.communicate()
+        result = next((line[7:] for line in output.splitlines() if line.startswith("RESULT ")), None)
+        if proc.returncode != 0 or result is None:
+            raise SystemExit(f"variant {name} failed (exit {proc.returncode}): {output[-2000:]}")
+        results[name] = json.loads(result)
+        print(json.dumps(results[name]), flush=True)
+    return results
+
+
+def measure_speed(names: list[str], data: Path, tmp: Path, settings: dict) -> dict:
+    """Training tokens/s of each variant alone, one after the other (`--speed-steps` steps, median row)."""
+    quick = {**settings, "steps": settings["speed_steps"], "speed_only": True}
+    return {k: v["isolated_tokens_per_s"] for k, v in run_children(names, data, tmp, quick, jobs=1).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per variant process")
     parser.add_argument("--jobs", type=int, default=2, help="variants trained at the same time")
+    parser.add_argument("--speed-steps", type=int, default=40, help="steps of the sequential speed pass")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
+    parser.add_argument("--speed-only", action="store_true", help="redo the speed pass into the existing JSON")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         name, data, out, settings = args.child
         print("RESULT " + json.dumps(run_variant(name, data, out, json.loads(settings))), flush=True)
         return
+    if args.speed_only:
+        report = json.loads(RESULTS.read_text(encoding="utf-8"))
+        settings = {**report["settings"], "speed_steps": args.speed_steps}
+        with tempfile.TemporaryDirectory(prefix="flashlm-bench-objectives-") as tmp:
+            prepare(Path(tmp) / "shards", settings["vocab_size"])
+            speeds = measure_speed(list(report["runs"]), Path(tmp) / "shards", Path(tmp), settings)
+        for name, speed in speeds.items():
+            report["runs"][name]["isolated_tokens_per_s"] = speed
+        report["settings"]["speed_steps"] = args.speed_steps
+        report["speed_loadavg"] = [round(x, 2) for x in os.getloadavg()]
+        report["checks"] = checks(report["runs"])
+        RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        return write_markdown(report)
     if args.report_only:
         report = json.loads(RESULTS.read_text(encoding="utf-8"))
+        report["checks"] = checks(report["runs"])
+        RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         return write_markdown(report)
-    settings = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+    settings = {"steps": args.steps, "speed_steps": args.speed_steps, "batch_size": args.batch_size,
+                "seq_len": args.seq_len, "lr": args.lr,
                 "vocab_size": args.vocab_size, "threads": args.threads, "jobs": args.jobs}
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
     began = time.perf_counter()
@@ -224,22 +281,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flashlm-bench-objectives-") as tmp:
         data = Path(tmp) / "shards"
         meta = prepare(data, args.vocab_size)
-        pending = list(args.variants)
-        active: list[tuple[str, subprocess.Popen]] = []
-        while pending or active:
-            while pending and len(active) < args.jobs:
-                name = pending.pop(0)
-                cmd = [sys.executable, __file__, "--child", name, str(data), str(Path(tmp) / name),
-                       json.dumps(settings)]
-                active.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                                      text=True)))
-            name, proc = active.pop(0)
-            output, _ = proc.communicate()
-            result = next((line[7:] for line in output.splitlines() if line.startswith("RESULT ")), None)
-            if proc.returncode != 0 or result is None:
-                raise SystemExit(f"variant {name} failed (exit {proc.returncode}): {output[-2000:]}")
-            runs[name] = json.loads(result)
-            print(json.dumps(runs[name]), flush=True)
+        runs = run_children(list(args.variants), data, Path(tmp), settings, args.jobs)
+        for name, speed in measure_speed(list(args.variants), data, Path(tmp), settings).items():
+            runs[name]["isolated_tokens_per_s"] = speed
     runs = {k: runs[k] for k in args.variants}
     cmd = "nice python bench/objectives.py" + ("" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:]))
     report = {

@@ -517,9 +517,9 @@ def eval_translate(
     ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     results = run_translation(train_src, train_tgt, eval_src, eval_tgt, cfg, net, tok, save)
-    settings = {"beam": beam, "length_penalty": length_penalty, "minutes": minutes, "clock": clock, "precision": precision,
-                "epochs": ft.epochs,
-                "batch_size": ft.batch_size, "lr": ft.lr, "preset": preset, "threads": threads}
+    settings = {"beam": beam, "length_penalty": length_penalty, "minutes": minutes, "clock": clock,
+                "precision": precision, "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
+                "preset": preset, "threads": threads}
     path = write_result(out, "translate", results, model=str(model or preset or "default"),
                         data=[train_src, train_tgt, eval_src, eval_tgt], seed=seed, settings=settings)
     _eval_echo("translate", results, path, ("bleu", "chrf", "train_seconds"))
