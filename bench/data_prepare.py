@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from docs_section import replace_section
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "bench" / "results" / "data_prepare.json"
@@ -245,15 +247,7 @@ def write_markdown(report: dict) -> None:
         END,
     ]
     section = "\n".join(lines)
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Benchmarks\n\nMeasured numbers, one section a benchmark.\n"
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else header
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text, encoding="utf-8")
+    replace_section(DOC, BEGIN, END, section)
 
 
 def main() -> None:

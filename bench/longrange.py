@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from docs_section import replace_section
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "longrange.json"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -236,13 +238,7 @@ def write_markdown(report: dict) -> None:
         END,
     ]
     section = "\n".join(lines)
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text, encoding="utf-8")
+    replace_section(DOC, BEGIN, END, section)
 
 
 def status_lines(report: dict) -> list[str]:

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from docs_section import replace_section
+
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_train_head.txt"
 RESULTS = REPO / "bench" / "results" / "objectives.json"
@@ -198,14 +200,7 @@ def write_markdown(report: dict) -> None:
     lines += [f"Rerun: `{report['command']}` (writes `bench/results/objectives.json`; `--report-only` rewrites "
               "this section from it).", END]
     section = "\n".join(lines)
-    header = "# Benchmarks\n\nMeasured numbers, one section a benchmark.\n"
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else header  # re-read: others edit it too
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text, encoding="utf-8")
+    replace_section(DOC, BEGIN, END, section)
 
 
 # ---- main -----------------------------------------------------------------------------------------
