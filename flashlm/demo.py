@@ -173,6 +173,20 @@ def samples(model_dir: str, seed: int) -> list[str]:
     return [p + c for p, c in zip(PROMPTS, generate(model, tokenizer, list(PROMPTS), sampling), strict=True)]
 
 
+def report_card(model_dir: str, out: Path, seed: int) -> Stage:
+    """`flashlm eval all` on the cheap tasks: perplexity/bits-per-byte on fresh stories and efficiency."""
+    from flashlm.data.synthetic import story_corpus
+    from flashlm.evaluate.report import evaluate_all
+
+    stage = Stage("report card")
+    began = time.perf_counter()
+    texts = list(story_corpus(200, seed=seed + 1))  # stories the model has not seen
+    report = evaluate_all(model_dir, out, texts=texts, quick=True, tasks=("ppl", "efficiency"))
+    stage.results = {"report": str(report)}
+    stage.seconds = time.perf_counter() - began
+    return stage
+
+
 def summary_table(stages: list[Stage]) -> Table:
     table = Table(title="FlashLM demo")
     for column in ("stage", "seconds", "results"):
@@ -194,6 +208,7 @@ def write_report(out: Path, stages: list[Stage], sample_texts: list[str]) -> Pat
         lines.append(f"| {s.name} | {s.seconds:.0f} | {shown} |")
     lines += ["", "## Samples", ""] + [f"- {t}" for t in sample_texts]
     lines += ["", "## Loss curves", "", "![teacher](teacher/loss.png)", "", "![student](student/loss.png)", ""]
+    lines += ["", "The teacher's report card (`flashlm eval all`): [eval/report.md](eval/report.md)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps([s.__dict__ for s in stages], indent=2, default=str))
@@ -218,7 +233,8 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, data: list[str
     student = distill(shards, out / "student", teacher.results["checkpoint"], tokenizer.vocab_size,
                       remaining * 0.3, seed)
     texts = samples(teacher.results["checkpoint"], seed)
-    stages = [data_stage, teacher, student]
+    card = report_card(teacher.results["checkpoint"], out / "eval", seed)
+    stages = [data_stage, teacher, student, card]
     console.print(summary_table(stages))
     for t in texts:
         console.print(f"  [italic]{t}[/]")
