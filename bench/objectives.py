@@ -196,7 +196,8 @@ def write_markdown(report: dict) -> None:
         notes.append(f"NSP's effect on MLM accuracy (MLM+NSP minus MLM-only): {c['nsp_effect_on_mlm_points']:+.1f} "
                      "points.")
     lines += ["", " ".join(notes), ""] if notes else [""]
-    lines += [*report.get("commentary", []), ""] if report.get("commentary") else []
+    for paragraph in report.get("commentary", []):
+        lines += [paragraph, ""]
     lines += [f"Rerun: `{report['command']}` (writes `bench/results/objectives.json`; `--report-only` rewrites "
               "this section from it).", END]
     section = "\n".join(lines)
