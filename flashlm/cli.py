@@ -397,6 +397,7 @@ def eval_babi(
     tasks: Annotated[str, typer.Option(help="Comma-separated task numbers.")] = "1-20",
     per_task: Annotated[bool, typer.Option(help="One model per task instead of one joint model.")] = False,
     max_sentences: Annotated[int, typer.Option(help="Story statements kept before each question.")] = 50,
+    augment: Annotated[bool, typer.Option(help="Rename people, places and objects at random at every step.")] = True,
     minutes: MinutesOpt = None,
     epochs: EpochsOpt = None,
     max_steps: StepsOpt = None,
@@ -419,14 +420,14 @@ def eval_babi(
     from flashlm.evaluate.report import write_result
 
     numbers = tuple(range(1, 21)) if tasks == "1-20" else tuple(int(t) for t in tasks.split(",") if t.strip())
-    cfg = BabiConfig(tasks=numbers, per_task=per_task, max_sentences=max_sentences, train_limit=train_limit,
-                     test_limit=test_limit)
+    cfg = BabiConfig(tasks=numbers, per_task=per_task, max_sentences=max_sentences, augment=augment,
+                     train_limit=train_limit, test_limit=test_limit)
     (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
     ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     directory = find_data(data)
     results = run_babi(directory, cfg, net, tok, save)
-    settings = {"tasks": list(numbers), "per_task": per_task, "max_sentences": max_sentences,
+    settings = {"tasks": list(numbers), "per_task": per_task, "max_sentences": max_sentences, "augment": augment,
                 "minutes": minutes, "clock": clock, "precision": precision,
                 "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
                 "preset": preset, "threads": threads}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ from flashlm.evaluate.squad import (
     squad_from_babi,
 )
 from flashlm.tokenizer import Tokenizer
-from flashlm.train.finetune import FinetuneConfig
+from flashlm.train.finetune import FinetuneConfig, collate_prefix
 
 BABI = Path(__file__).resolve().parents[2] / "shared" / "data" / "babi-en-1k"
 if not BABI.is_dir():
@@ -86,6 +87,40 @@ def test_score_is_exact_match_per_task():
     ]
     assert score(["garden", "n, w", "bill"], qs) == {1: 1.0, 2: 1.0}
     assert score(["kitchen", "n,w", "Fred"], qs) == {1: 0.5, 2: 0.0}
+
+
+def test_renaming_keeps_questions_consistent_and_capitals():
+    q = parse_babi(SNIPPET.splitlines(), task=1)[1]  # Where is Daniel? hallway
+    renaming = {"daniel": "john", "john": "daniel", "hallway": "garden", "garden": "hallway"}
+    out = babi.rename(q, renaming)
+    assert out.story == ("Mary moved to the bathroom.", "Daniel went to the garden.",
+                         "John went back to the garden.", "Sandra moved to the hallway.")
+    assert (out.question, out.answer, out.supporting) == ("Where is John?", "garden", q.supporting)
+
+
+def test_entity_classes_follow_each_tasks_cast_and_keep_gender():
+    questions = [q for t in (1, 20) for q in read_task(BABI, t, "train", limit=200)]
+    cast = babi.task_entities(questions)
+    women, men, places = cast[1][:3]
+    assert set(women) == {"mary", "sandra"} and set(men) == {"daniel", "john"}
+    assert set(places) <= set(babi.PLACES) and len(places) == 6
+    assert all(set(names) <= set(babi.WOMEN) | set(babi.MEN) for names in cast[20])  # qa20: people only
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        renaming = babi.entity_renaming(rng, cast[1])
+        assert sorted(renaming) == sorted(renaming.values())  # a permutation
+        assert all((old in babi.WOMEN) == (new in babi.WOMEN) for old, new in renaming.items())
+
+
+def test_augmenting_collate_is_seeded_and_renames(tmp_path):
+    questions = read_task(BABI, 1, "train")
+    tok = Tokenizer.train(babi.corpus(questions, 50), vocab_size=1024, show_progress=False)  # a token a word
+    batches = [babi.augmenting_collate(tok, questions, 50, 256, seed)(questions[:32]) for seed in (0, 0, 1)]
+    assert torch.equal(batches[0].input_ids, batches[1].input_ids)
+    assert not torch.equal(batches[0].input_ids, batches[2].input_ids)
+    plain = collate_prefix(babi.build_examples(tok, questions[:32], 50, 256))
+    assert not torch.equal(batches[0].input_ids, plain.input_ids)
+    assert torch.equal(batches[0].prefix_len, plain.prefix_len)  # names swap one token for one
 
 
 def test_real_babi_files_parse_to_1000_questions_per_task():

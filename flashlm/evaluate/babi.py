@@ -6,6 +6,12 @@ the ID restarts at 1 with every new story. Each question becomes one example: th
 End-to-End Memory Networks keep 50) plus the question as the bidirectional source, the answer as the
 causal target. Text is lower-cased (names appear in both cases in task 20) and answers are compared
 lower-cased after stripping spaces; predictions come from greedy decoding.
+
+With ``augment`` (the default), every training batch renames the people, places and objects of its
+stories: one random permutation of each entity class, applied to story, question and answer alike.
+The renamed question is as correct as the original (bAbI states every fact it asks about), so a
+1k training set yields a fresh story at every step and the model cannot memorise who went where;
+task 20 keeps its places and objects, whose meaning it asks about (hungry → kitchen).
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from __future__ import annotations
 import os
 import re
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from flashlm.config import ModelConfig
 from flashlm.errors import DataError
@@ -24,10 +33,13 @@ from flashlm.model.transformer import FlashLM
 from flashlm.train.finetune import (
     Example,
     FinetuneConfig,
+    collate_prefix,
     finetune,
+    fit,
     greedy_decode,
     make_example,
     new_model,
+    prefix_lm_loss,
     prompt_ids,
 )
 
@@ -46,6 +58,17 @@ DEFAULT_MODEL = ModelConfig(
     layer_pattern="G",
     max_seq_len=512,
 )
+
+
+# Interchangeable entities of the bAbI worlds: renaming one consistently keeps a question correct.
+# People are renamed within their gender, so "he" and "she" still point where they did.
+WOMEN = ("mary", "sandra", "julie", "lily", "gertrude", "emily", "winona", "jessica")
+MEN = ("daniel", "john", "fred", "bill", "jeff", "julius", "greg", "brian", "bernhard", "jason", "antoine",
+       "sumit", "yann")
+PLACES = ("kitchen", "bedroom", "office", "garden", "hallway", "bathroom", "school", "park", "cinema")
+OBJECTS = ("football", "apple", "milk")
+ENTITY_CLASSES = (WOMEN, MEN, PLACES, OBJECTS)
+KEEP_PLACES_AND_OBJECTS = frozenset({20})  # qa20 asks why someone went somewhere / took something
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,7 @@ class BabiConfig:
     finetune: FinetuneConfig = field(
         default_factory=lambda: FinetuneConfig(epochs=30, batch_size=32, lr=2e-3, warmup_steps=100, bucket=32)
     )
+    augment: bool = True  # rename people/places/objects at every training step (see the module docstring)
     train_limit: int | None = None  # questions per task (subsets for quick runs)
     test_limit: int | None = None
     eval_batch_size: int = 64
@@ -162,6 +186,54 @@ def build_examples(tokenizer: Any, questions: Sequence[Question], max_sentences:
     return [make_example(tokenizer, source_text(q, max_sentences), target_text(q), max_len) for q in questions]
 
 
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def task_entities(questions: Iterable[Question]) -> dict[int, list[tuple[str, ...]]]:
+    """Per task, the entity classes as they occur in `questions` (a task keeps its own cast)."""
+    words: dict[int, set[str]] = {}
+    for q in questions:
+        text = " ".join((*q.story, q.question, q.answer)).lower()
+        words.setdefault(q.task, set()).update(_WORD.findall(text))
+    out = {}
+    for task, seen in words.items():
+        classes = ENTITY_CLASSES[:2] if task in KEEP_PLACES_AND_OBJECTS else ENTITY_CLASSES
+        out[task] = [kept for names in classes if len(kept := tuple(n for n in names if n in seen)) > 1]
+    return out
+
+
+def entity_renaming(rng: np.random.Generator, classes: Sequence[tuple[str, ...]]) -> dict[str, str]:
+    """A random renaming: one permutation of each entity class."""
+    return {old: str(new) for names in classes for old, new in zip(names, rng.permutation(names), strict=True)}
+
+
+def rename(q: Question, renaming: dict[str, str]) -> Question:
+    """`q` with every entity word renamed (whole words, case-insensitive, capitals kept)."""
+
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        new = renaming.get(word.lower())
+        if new is None:
+            return word
+        return new.capitalize() if word[0].isupper() else new
+
+    sub = lambda text: _WORD.sub(swap, text)
+    return Question(q.task, tuple(sub(s) for s in q.story), sub(q.question), sub(q.answer), q.supporting)
+
+
+def augmenting_collate(tokenizer: Any, questions: Sequence[Question], max_sentences: int, max_len: int, seed: int):
+    """A `fit` collate over `questions`: renames each one's entities at random (within its task's
+    cast), frames it and pads the batch. One generator seeded by `seed`: a run is reproducible."""
+    rng = np.random.default_rng([seed, zlib.crc32(b"babi-augment")])
+    cast = task_entities(questions)
+
+    def collate(batch: Sequence[Question]) -> Any:
+        renamed = [rename(q, entity_renaming(rng, cast[q.task])) for q in batch]
+        return collate_prefix(build_examples(tokenizer, renamed, max_sentences, max_len), tokenizer.pad_id or 0)
+
+    return collate
+
+
 def corpus(questions: Iterable[Question], max_sentences: int) -> Iterable[str]:
     """Training text for the tokenizer: every source and target."""
     for q in questions:
@@ -204,7 +276,12 @@ def train_model(
             corpus(train, cfg.max_sentences), cfg.model, cfg.vocab_size, cfg.finetune.seed, cfg.device
         )
     examples = build_examples(tokenizer, train, cfg.max_sentences, model.cfg.max_seq_len)
-    summary = finetune(model, examples, cfg.finetune)
+    if cfg.augment:
+        collate = augmenting_collate(tokenizer, train, cfg.max_sentences, model.cfg.max_seq_len, cfg.finetune.seed)
+        loss = lambda m, b: prefix_lm_loss(m, b, cfg.finetune.label_smoothing)
+        summary = fit(model, list(train), collate, loss, cfg.finetune, [len(e.ids) for e in examples])
+    else:
+        summary = finetune(model, examples, cfg.finetune)
     summary["examples"] = len(examples)
     return model, tokenizer, summary
 
@@ -298,13 +375,17 @@ __all__ = [
     "TASKS",
     "BabiConfig",
     "Question",
+    "augmenting_collate",
     "build_examples",
+    "entity_renaming",
+    "task_entities",
     "evaluate",
     "find_data",
     "markdown",
     "parse_babi",
     "predict",
     "read_task",
+    "rename",
     "run_babi",
     "score",
     "source_text",
