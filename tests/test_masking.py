@@ -72,7 +72,7 @@ def test_nsp_labels_are_balanced_and_positives_adjacent():
     tokens = 5 + np.arange(offsets[-1])  # every stream position holds a distinct token
     tokens[offsets[1:] - 1] = 2  # <eos> closes every document
     doc_of = np.searchsorted(offsets, np.arange(offsets[-1]), side="right") - 1
-    labels = []
+    labels, shape = [], {0: [], 1: []}
     for _ in range(4000):
         seq, label, n = nsp_pair(tokens, offsets, 64, rng, bos_id=1, sep_id=4, eos_id=2, pad_id=0)
         assert len(seq) == 64 and seq[0] == 1 and seq[n - 1] == 2 and (seq[n:] == 0).all()
@@ -84,5 +84,12 @@ def test_nsp_labels_are_balanced_and_positives_adjacent():
             assert b[0] == a[-1] + 1
         else:
             assert doc_of[b[0]] != doc_of[a[0]]
+            assert b[0] > offsets[doc_of[b[0]]]  # a negative B never starts its document either
+        shape[label].append((offsets[doc_of[b[-1]] + 1] - 2 - b[-1], len(b), n))  # tokens after B in its doc
         labels.append(label)
     assert abs(np.mean(labels) - 0.5) < 0.03
+    # no shortcut: B ends as far from its document's end, and pairs are as long, whatever the label
+    pos, neg = (np.array(shape[k]) for k in (1, 0))
+    assert (pos[:, 0] == 0).mean() == pytest.approx((neg[:, 0] == 0).mean(), abs=0.04)
+    assert pos[:, 1].mean() == pytest.approx(neg[:, 1].mean(), rel=0.05)
+    assert pos[:, 2].mean() == pytest.approx(neg[:, 2].mean(), rel=0.05)

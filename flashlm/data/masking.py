@@ -94,29 +94,32 @@ def nsp_pair(tokens: np.ndarray, doc_offsets: np.ndarray, length: int, rng: np.r
              bos_id: int, sep_id: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, int, int]:
     """One `<bos> A <sep> B <eos>` sequence of exactly `length` tokens (right-padded), its label, its length.
 
-    Label 1: B is the segment that follows A in the same document; label 0: B is a random segment of
-    another document. Segments never include the document's trailing <eos>.
+    A span of a random document is split at a random token into A and the true continuation B.
+    Label 1 keeps B; label 0 takes B from another document instead, a segment of the same length that
+    ends as far from its document's end and starts after its document's start, so that nothing but the
+    text tells the labels apart: where B ends (often at a document's end) and how long it is are the
+    same in both. Segments never include a document's trailing <eos>.
     """
     budget = length - 3
-    n_docs = len(doc_offsets) - 1
-    doc = int(rng.integers(n_docs))
-    start, end = int(doc_offsets[doc]), int(doc_offsets[doc + 1]) - 1  # drop the <eos>
+    lengths = np.diff(doc_offsets) - 1  # without the <eos>
+    doc = int(rng.integers(len(lengths)))
+    start, end = int(doc_offsets[doc]), int(doc_offsets[doc]) + int(lengths[doc])
     span = min(end - start, budget)
     a_start = start + int(rng.integers(0, end - start - span + 1))
     split = int(rng.integers(1, span)) if span >= 2 else 1
     a = tokens[a_start:a_start + split]
-    b_len = max(span - split, 1)
-    is_next = int(rng.random() < 0.5) if n_docs > 1 else 1
-    if is_next:
-        b = tokens[a_start + split:a_start + split + b_len]
-        if len(b) == 0:  # a one-token document: nothing follows, so make it a negative
-            is_next = 0
+    b_start, b_len = a_start + split, max(span - split, 1)
+    after = max(end - (b_start + b_len), 0)  # tokens of the document after B
+    # another document with room for B, `after` tokens behind it and at least one token before it
+    hosts = np.flatnonzero(lengths > b_len + after)
+    hosts = hosts[hosts != doc]
+    is_next = int(rng.random() < 0.5) if len(hosts) else 1
+    if is_next and b_start >= end:  # a one-token document: nothing follows it
+        is_next = 0 if len(hosts) else 1
     if not is_next:
-        other = (doc + 1 + int(rng.integers(n_docs - 1))) % n_docs if n_docs > 1 else doc
-        o_start, o_end = int(doc_offsets[other]), int(doc_offsets[other + 1]) - 1
-        b_len = min(b_len, max(o_end - o_start, 1))
-        b_start = o_start + int(rng.integers(0, max(o_end - o_start - b_len, 0) + 1))
-        b = tokens[b_start:b_start + b_len]
+        other = int(hosts[rng.integers(len(hosts))])
+        b_start = int(doc_offsets[other]) + int(lengths[other]) - after - b_len
+    b = tokens[b_start:b_start + b_len]
     seq = np.concatenate([[bos_id], a, [sep_id], b, [eos_id]]).astype(np.int64)
     out = np.full(length, pad_id, dtype=np.int64)
     out[:len(seq)] = seq
