@@ -235,3 +235,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
     got = [p.grad for p in model.parameters() if p.grad is not None]
     for a, b in zip(ref, got, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_meta_model_materialised_draws_the_same_weights_as_a_direct_build():
+    """FSDP2 builds on the meta device and initialises shard by shard; the values must not depend on it."""
+    from flashlm.train.loop import materialize_shards
+
+    cfg = get_preset("nano")
+    torch.manual_seed(3)
+    direct = FlashLM(cfg)
+    with torch.device("meta"):
+        lazy = FlashLM(cfg)
+    assert all(p.is_meta for p in lazy.parameters())
+    torch.manual_seed(3)
+    materialize_shards(lazy, torch.device("cpu"))
+    for (name, a), (_, b) in zip(direct.state_dict().items(), lazy.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

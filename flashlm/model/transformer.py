@@ -73,27 +73,46 @@ class FlashLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, offset=cfg.flavour == "gemma")
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.nsp_head = nn.Linear(cfg.d_model, 2)
+        device = torch.empty(0).device  # the caller's default device ("meta" under `with torch.device("meta")`)
+        with torch.device("meta"):  # skip torch's default inits: `reset_parameters` alone draws the weights
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+            self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, offset=cfg.flavour == "gemma")
+            self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.nsp_head = nn.Linear(cfg.d_model, 2)
+        self.to_empty(device=device)
         self.gradient_checkpointing = False
-        self.reset_parameters()
+        if device.type != "meta":
+            self.reset_parameters()
 
     # ---- initialisation --------------------------------------------------------------------------
     def reset_parameters(self) -> None:
+        """Initialise every parameter, in `named_parameters` order (one random stream, so a model
+        materialised shard by shard from the meta device gets the same weights; see `init_parameter_`)."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                self.init_parameter_(name, param)
+
+    def init_parameter_(self, name: str, tensor: torch.Tensor) -> None:
+        """Fill `tensor` (the full shape of parameter `name`) with its initial values, in place.
+
+        Linear weights ~ N(0, init_std), output projections scaled by 1/sqrt(2·n_layers); biases 0;
+        embeddings ~ N(0, init_std); RMSNorm weights 0 with the (1 + w) offset, else 1.
+        """
+        module_name, _, kind = name.rpartition(".")
+        module = self.get_submodule(module_name)
         std = self.cfg.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                deep = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.cfg.n_layers) if deep else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+        if isinstance(module, nn.Linear) and kind == "bias":
+            nn.init.zeros_(tensor)
+        elif isinstance(module, nn.Linear):
+            deep = module_name.endswith(("o_proj", "down_proj"))
+            nn.init.normal_(tensor, std=std / math.sqrt(2 * self.cfg.n_layers) if deep else std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(tensor, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.zeros_(tensor) if module.offset else nn.init.ones_(tensor)
+        else:
+            raise TypeError(f"no initialisation rule for parameter {name} of {type(module).__name__}")
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, mode: str = "causal", prefix_len: torch.Tensor | None = None,

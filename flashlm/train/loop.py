@@ -140,8 +140,13 @@ def build_model(cfg: RunConfig, env: DistEnv, objective: Objective) -> Parts:
     """FlashLM on the device (same seed, hence same weights, on every rank), frozen heads, wrapped."""
     tcfg = cfg.train
     seed_everything(tcfg.seed)
-    model = FlashLM(cfg.model).to(env.device)
     init = getattr(objective.loss, "init_student", None)  # distillation: student_init from the teacher
+    fsdp = env.enabled and tcfg.distributed == "fsdp"
+    on_meta = fsdp and init is None  # FSDP2: no rank ever holds the whole model
+    with torch.device("meta") if on_meta else nullcontext():
+        model = FlashLM(cfg.model)
+    if not on_meta:
+        model = model.to(env.device)
     if init is not None:
         init(model)
     for name, param in model.named_parameters():
@@ -149,19 +154,37 @@ def build_model(cfg: RunConfig, env: DistEnv, objective: Objective) -> Parts:
             param.requires_grad_(False)
     model.gradient_checkpointing = tcfg.activation_checkpointing
     stateful: nn.Module = model
-    fsdp = env.enabled and tcfg.distributed == "fsdp"
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
+        if on_meta:
+            seed_everything(tcfg.seed)
+            materialize_shards(model, env.device)
     elif env.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         stateful = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     run = torch.compile(stateful) if tcfg.compile else stateful
     return Parts(model, stateful, run, fsdp)
+
+
+def materialize_shards(model: FlashLM, device: torch.device) -> None:
+    """Allocate a meta-device model sharded by FSDP2 on `device` and initialise it: each parameter is
+    drawn whole, in `reset_parameters` order (so every rank, and an unsharded model from the same seed,
+    draws the same values), and each rank keeps only its shard. Peak memory: one full parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            full = torch.empty(param.shape, dtype=param.dtype)
+            model.init_parameter_(name, full)
+            if isinstance(param, DTensor):  # every rank drew the same values: no communication needed
+                full = distribute_tensor(full.to(device), param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(full)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
