@@ -101,26 +101,38 @@ def nsp_pair(tokens: np.ndarray, doc_offsets: np.ndarray, length: int, rng: np.r
     same in both. Segments never include a document's trailing <eos>.
     """
     budget = length - 3
-    lengths = np.diff(doc_offsets) - 1  # without the <eos>
-    doc = int(rng.integers(len(lengths)))
-    start, end = int(doc_offsets[doc]), int(doc_offsets[doc]) + int(lengths[doc])
+    n_docs = len(doc_offsets) - 1
+    doc = int(rng.integers(n_docs))
+    start, end = int(doc_offsets[doc]), int(doc_offsets[doc + 1]) - 1  # drop the <eos>
     span = min(end - start, budget)
     a_start = start + int(rng.integers(0, end - start - span + 1))
     split = int(rng.integers(1, span)) if span >= 2 else 1
     a = tokens[a_start:a_start + split]
     b_start, b_len = a_start + split, max(span - split, 1)
     after = max(end - (b_start + b_len), 0)  # tokens of the document after B
-    # another document with room for B, `after` tokens behind it and at least one token before it
-    hosts = np.flatnonzero(lengths > b_len + after)
-    hosts = hosts[hosts != doc]
-    is_next = int(rng.random() < 0.5) if len(hosts) else 1
-    if is_next and b_start >= end:  # a one-token document: nothing follows it
-        is_next = 0 if len(hosts) else 1
+    host = _host_document(doc_offsets, doc, b_len + after, rng) if n_docs > 1 else None
+    is_next = int(rng.random() < 0.5) if host is not None else 1
+    if b_start >= end and host is not None:  # a one-token document: nothing follows it
+        is_next = 0
     if not is_next:
-        other = int(hosts[rng.integers(len(hosts))])
-        b_start = int(doc_offsets[other]) + int(lengths[other]) - after - b_len
+        b_start = int(doc_offsets[host + 1]) - 1 - after - b_len
     b = tokens[b_start:b_start + b_len]
     seq = np.concatenate([[bos_id], a, [sep_id], b, [eos_id]]).astype(np.int64)
     out = np.full(length, pad_id, dtype=np.int64)
     out[:len(seq)] = seq
     return out, is_next, len(seq)
+
+
+def _host_document(doc_offsets: np.ndarray, doc: int, need: int, rng: np.random.Generator,
+                   tries: int = 32) -> int | None:
+    """A random document other than `doc` with more than `need` tokens (before its <eos>), or None.
+
+    Rejection sampling: uniform over the documents that qualify, and O(1) per pair on average
+    whatever the size of the corpus.
+    """
+    n_docs = len(doc_offsets) - 1
+    for _ in range(tries):
+        other = (doc + 1 + int(rng.integers(n_docs - 1))) % n_docs
+        if doc_offsets[other + 1] - doc_offsets[other] - 1 > need:
+            return other
+    return None
