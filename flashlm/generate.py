@@ -96,35 +96,54 @@ def generate_tokens(model: FlashLM, prompts: Sequence[Sequence[int]], sampling: 
         logits = model(token[:, None], mode=mode, prefix_len=prefix_len, cache=cache).logits[:, -1]
 
 
-def stream(model: FlashLM, tokenizer, prompt: str, sampling: Sampling, add_bos: bool = True) -> Iterator[str]:
-    """Yield the text of one prompt's continuation piece by piece, honouring stop strings.
+class StopStrings:
+    """Stop strings over streamed text: `feed` the whole decoded continuation after each token and get
+    back the new piece that is safe to show. Text that could be the beginning of a stop string is held
+    back until later tokens show it is not, so the pieces join to exactly the text cut at the first
+    stop string; `stopped` turns true when one appears."""
 
-    Text that could be the beginning of a stop string is held back until the next tokens show it is
-    not, so the pieces always join to exactly what `generate` returns.
-    """
+    def __init__(self, stops: Sequence[str], emitted: int = 0) -> None:
+        self.stops = [s for s in stops if s]
+        self.emitted = emitted  # characters of the text already given out
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        cut = _stop_index(text, self.stops)
+        if cut is not None:
+            self.stopped = True
+            return self._take(text, cut)
+        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
+            return ""
+        return self._take(text, len(text) - _partial_stop(text, self.stops))
+
+    def flush(self, text: str) -> str:
+        """What is still held back of `text` once generation has ended."""
+        return "" if self.stopped else self._take(text, len(text))
+
+    def _take(self, text: str, end: int) -> str:
+        piece = text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+def stream(model: FlashLM, tokenizer, prompt: str, sampling: Sampling, add_bos: bool = True) -> Iterator[str]:
+    """Yield the text of one prompt's continuation piece by piece, honouring stop strings
+    (`StopStrings`), so the pieces always join to exactly what `generate` returns."""
     ids = tokenizer.encode(prompt, add_bos=add_bos)
     produced: list[int] = []
-    emitted = 0
-    text = ""
+    held, text = StopStrings(sampling.stop), ""
     for step in generate_tokens(model, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0):
         token = step[0]
         if token is None or (token == tokenizer.eos_id and sampling.stop_at_eos):
             break
         produced.append(token)
         text = tokenizer.decode(produced)
-        cut = _stop_index(text, sampling.stop)
-        if cut is not None:
-            if cut > emitted:
-                yield text[emitted:cut]
+        if piece := held.feed(text):
+            yield piece
+        if held.stopped:
             return
-        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
-            continue
-        safe = len(text) - _partial_stop(text, sampling.stop)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    if len(text) > emitted:
-        yield text[emitted:]
+    if piece := held.flush(text):
+        yield piece
 
 
 def generate(model: FlashLM, tokenizer, prompts: str | Sequence[str], sampling: Sampling | None = None,

@@ -104,3 +104,15 @@ def test_streamed_pieces_join_to_the_generated_text_even_with_multi_token_stops(
         full = generate(m, tok, "hello", sampling)
         assert "".join(stream(m, tok, "hello", sampling)) == full
         assert not any(s in full for s in stop)
+
+
+def test_stop_strings_hold_back_what_may_start_a_stop():
+    from flashlm.generate import StopStrings
+
+    held = StopStrings(["END", ""])
+    texts = ["Hello", "Hello E", "Hello EN", "Hello ENx", "Hello ENx E", "Hello ENx EN", "Hello ENx END!"]
+    pieces = [held.feed(t) for t in texts]
+    assert pieces == ["Hello", " ", "", "ENx", " ", "", ""] and held.stopped
+    assert "".join(pieces) == "Hello ENx " and held.flush(texts[-1]) == ""
+    tail = StopStrings(["END"])
+    assert tail.feed("ab\ufffd") == "" and tail.feed("abE") == "ab" and tail.flush("abE") == "E"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flashlm.generate import Sampling, generate_tokens
+from flashlm.generate import Sampling, StopStrings, generate_tokens
 from flashlm.model.transformer import FlashLM
 
 # A plain-text chat template a base model can follow; generation stops when it starts the next user turn.
@@ -75,10 +75,9 @@ class Engine:
         text as generated, so a reply that starts with one is empty).
         """
         tok = self.tokenizer
-        stops = [s for s in sampling.stop if s]
         produced: list[int] = []
-        emitted = 0
-        started = not lstrip
+        held: StopStrings | None = None if lstrip else StopStrings(sampling.stop)
+        text = ""
         for step in generate_tokens(self.model, [ids], sampling, eos_id=tok.eos_id, pad_id=tok.pad_id or 0):
             if cancel is not None and cancel.is_set():
                 run.finish_reason = "cancelled"
@@ -90,44 +89,20 @@ class Engine:
             produced.append(token)
             run.completion_tokens += 1
             text = tok.decode(produced)
-            if not started:  # drop the whitespace that follows "Assistant:"
+            if held is None:  # drop the whitespace that follows "Assistant:"
                 stripped = text.lstrip()
                 if not stripped:
                     continue
-                emitted, started = len(text) - len(stripped), True
-            cut = _stop_index(text, stops)
-            if cut is not None:
-                if cut > emitted:
-                    yield text[emitted:cut]
+                held = StopStrings(sampling.stop, emitted=len(text) - len(stripped))
+            if piece := held.feed(text):
+                yield piece
+            if held.stopped:
                 run.finish_reason = "stop"
                 return
-            if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
-                continue
-            safe = len(text) - _stop_prefix_len(text, stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
         else:
             run.finish_reason = "length"
-        text = tok.decode(produced)
-        if started and len(text) > emitted:
-            yield text[emitted:]
-
-
-def _stop_index(text: str, stops: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is the start of some stop string (0 if none)."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
+        if held is not None and (piece := held.flush(text)):
+            yield piece
 
 
 def chat_repl(engine: Engine, sampling: Sampling, lines: Iterable[str], write: Callable[[str], None],
