@@ -169,6 +169,29 @@ def train_command(
                    f"metrics in {summary['out']}/metrics.jsonl")
 
 
+@app.command("plan")
+def plan_command(
+    preset: Annotated[str | None, typer.Option(help="A model preset, e.g. 7.5b.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Or the model of a YAML recipe.")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs the run is spread over.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Sequences per GPU per micro-step.")] = 1,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence (default: the model's context).")] = None,
+    strategy: Annotated[str, typer.Option(help="fsdp (shard weights, grads, optimizer) or ddp.")] = "fsdp",
+    checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing.")] = False,
+    gpu_memory: Annotated[float | None, typer.Option(help="GiB per GPU, to say whether it fits.")] = None,
+) -> None:
+    """Memory per GPU of training a model: weights, gradients, AdamW, activations, logits (estimates)."""
+    from flashlm.config import get_preset, load_run_config
+    from flashlm.errors import ConfigError
+    from flashlm.train.memory import format_plan, memory_plan
+
+    if (preset is None) == (config is None):
+        raise ConfigError("plan: give exactly one of --preset NAME or --config RECIPE.yaml")
+    model = get_preset(preset) if preset else load_run_config(config).model
+    plan = memory_plan(model, gpus, batch_size, seq_len, strategy, checkpointing)
+    typer.echo(format_plan(plan, gpu_memory))
+
+
 # ---- eval --------------------------------------------------------------------------------------
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models: perplexity, cloze, long-range tasks, "
                        "efficiency, fine-tuned tasks, reports (`eval all`: the whole report card).")
