@@ -175,15 +175,20 @@ def get_preset(name: str) -> ModelConfig:
     return ModelConfig(**PRESETS[name])
 
 
-def count_parameters(cfg: ModelConfig, include_embedding: bool = True) -> int:
-    """Parameters of `FlashLM(cfg)`, computed from the config alone (heads included)."""
+def layer_parameters(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block of `FlashLM(cfg)`."""
     d, h = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * h + 2 * d * cfg.n_kv_heads * h + cfg.n_heads * h * d
     mlp = 3 * d * cfg.d_ff
     norms = (4 if cfg.flavour == "gemma" else 2) * d + (2 * h if cfg.qk_norm else 0)
-    per_layer = attn + mlp + norms
+    return attn + mlp + norms
+
+
+def count_parameters(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    """Parameters of `FlashLM(cfg)`, computed from the config alone (heads included)."""
+    d = cfg.d_model
     heads = 2 * d + 2  # NSP head: Linear(d, 2) with bias
-    total = cfg.n_layers * per_layer + d + heads
+    total = cfg.n_layers * layer_parameters(cfg) + d + heads
     if include_embedding:
         total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     return total

@@ -6,15 +6,15 @@ import pytest
 from typer.testing import CliRunner
 
 from flashlm.cli import app
-from flashlm.config import count_parameters, get_preset
+from flashlm.config import count_parameters, get_preset, layer_parameters
 from flashlm.errors import ConfigError
 from flashlm.model.transformer import FlashLM
-from flashlm.train.memory import block_parameters, memory_plan
+from flashlm.train.memory import memory_plan
 
 
-def test_block_parameters_match_the_module():
+def test_layer_parameters_match_the_module():
     cfg = get_preset("micro")
-    assert block_parameters(cfg) == sum(p.numel() for p in FlashLM(cfg).layers[0].parameters())
+    assert layer_parameters(cfg) == sum(p.numel() for p in FlashLM(cfg).layers[0].parameters())
 
 
 def test_fsdp_shards_weights_gradients_and_adam_ddp_does_not():

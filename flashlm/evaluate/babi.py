@@ -35,11 +35,9 @@ from flashlm.train.finetune import (
     FinetuneConfig,
     collate_prefix,
     finetune,
-    fit,
     greedy_decode,
     make_example,
     new_model,
-    prefix_lm_loss,
     prompt_ids,
 )
 
@@ -278,8 +276,7 @@ def train_model(
     examples = build_examples(tokenizer, train, cfg.max_sentences, model.cfg.max_seq_len)
     if cfg.augment:
         collate = augmenting_collate(tokenizer, train, cfg.max_sentences, model.cfg.max_seq_len, cfg.finetune.seed)
-        loss = lambda m, b: prefix_lm_loss(m, b, cfg.finetune.label_smoothing)
-        summary = fit(model, list(train), collate, loss, cfg.finetune, [len(e.ids) for e in examples])
+        summary = finetune(model, list(train), cfg.finetune, collate, [len(e.ids) for e in examples])
     else:
         summary = finetune(model, examples, cfg.finetune)
     summary["examples"] = len(examples)
@@ -378,7 +375,6 @@ __all__ = [
     "augmenting_collate",
     "build_examples",
     "entity_renaming",
-    "task_entities",
     "evaluate",
     "find_data",
     "markdown",
@@ -389,6 +385,7 @@ __all__ = [
     "run_babi",
     "score",
     "source_text",
+    "task_entities",
     "task_file",
     "target_text",
     "train_model",

@@ -220,10 +220,15 @@ def fit(
     return state.summary(per_epoch)
 
 
-def finetune(model: FlashLM, examples: Sequence[Example], cfg: FinetuneConfig) -> dict[str, Any]:
-    """Prefix-LM fine-tuning of ``model`` on framed examples (see `make_example`)."""
+def finetune(model: FlashLM, examples: Sequence[Any], cfg: FinetuneConfig,
+             collate: Callable[[Sequence[Any]], Batch] | None = None,
+             lengths: Sequence[int] | None = None) -> dict[str, Any]:
+    """Prefix-LM fine-tuning of ``model`` on framed examples (see `make_example`), or on any items that
+    ``collate`` turns into prefix-LM batches (then ``lengths`` gives their tokens, for bucketing)."""
     loss = lambda m, b: prefix_lm_loss(m, b, cfg.label_smoothing)
-    return fit(model, examples, collate_prefix, loss, cfg, [len(e.ids) for e in examples])
+    if collate is None:
+        collate, lengths = collate_prefix, [len(e.ids) for e in examples]
+    return fit(model, examples, collate, loss, cfg, lengths)
 
 
 def _train_step(

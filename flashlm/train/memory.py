@@ -21,16 +21,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from flashlm.config import ModelConfig, count_parameters
+from flashlm.config import ModelConfig, count_parameters, layer_parameters
 from flashlm.errors import ConfigError
 
 GIB = 1024**3
 BYTES_PER_PARAM = {"weights": 4, "gradients": 4, "optimizer": 8}  # fp32 master, fp32 grads, AdamW m and v
-
-
-def block_parameters(cfg: ModelConfig) -> int:
-    """Parameters of one transformer block."""
-    return (count_parameters(cfg, include_embedding=False) - cfg.d_model - (2 * cfg.d_model + 2)) // cfg.n_layers
 
 
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
@@ -47,15 +42,14 @@ def memory_plan(cfg: ModelConfig, gpus: int = 1, batch_size: int = 1, seq_len: i
     """Estimated bytes per GPU of training `cfg` with `batch_size` sequences of `seq_len` per GPU."""
     if strategy not in ("fsdp", "ddp"):
         raise ConfigError(f"strategy: must be fsdp or ddp, got {strategy!r}")
-    for key, value in (("gpus", gpus), ("batch_size", batch_size), ("seq_len", seq_len or 1)):
+    seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    for key, value in (("gpus", gpus), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
-    seq_len = seq_len or cfg.max_seq_len
     n = count_parameters(cfg)
     share = gpus if strategy == "fsdp" else 1
     parts = {name: math.ceil(n * size / share) for name, size in BYTES_PER_PARAM.items()}
-    block = block_parameters(cfg)
-    parts["fsdp_working_set"] = (2 * 4 + 4) * block if strategy == "fsdp" and gpus > 1 else 0
+    parts["fsdp_working_set"] = (2 * 4 + 4) * layer_parameters(cfg) if strategy == "fsdp" and gpus > 1 else 0
     tokens = batch_size * seq_len
     per_layer = activation_bytes_per_token(cfg)
     if activation_checkpointing:
