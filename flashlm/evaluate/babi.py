@@ -45,15 +45,22 @@ TASKS = tuple(range(1, 21))
 FAILED_BELOW = 0.95  # bAbI convention: a task "fails" under 95% accuracy
 DATA_SUBDIR = "shared/data/babi-en-1k"
 
-# From scratch: a small all-global model (stories are short) over a word-level BPE vocabulary.
+# From scratch over a word-level BPE vocabulary: the long-range recipe (flashlm.evaluate.longrange),
+# a local layer with a 6-token window (a sentence: it binds each place to its subject) under a global
+# layer with an effectively infinite RoPE base (content lookup), init_std 0.1. Measured on qa1 alone,
+# 3 min on one thread: 87.8% test, against 51.8% for the previous 4-layer all-global model, which only
+# ever answered with the last place named; deeper (3-4 layers) sat on that plateau.
 DEFAULT_MODEL = ModelConfig(
     vocab_size=512,
     d_model=128,
-    n_layers=4,
+    n_layers=2,
     n_heads=4,
     n_kv_heads=4,
     d_ff=384,
-    layer_pattern="G",
+    layer_pattern="LG",
+    sliding_window=6,
+    rope_base_global=1e30,
+    init_std=0.1,
     max_seq_len=512,
 )
 
@@ -90,7 +97,7 @@ class BabiConfig:
     vocab_size: int = 1024
     model: ModelConfig | str = field(default_factory=lambda: DEFAULT_MODEL)
     finetune: FinetuneConfig = field(
-        default_factory=lambda: FinetuneConfig(epochs=30, batch_size=32, lr=2e-3, warmup_steps=100, bucket=32)
+        default_factory=lambda: FinetuneConfig(epochs=200, batch_size=16, lr=3e-3, warmup_steps=100, bucket=32)
     )
     augment: bool = True  # rename people/places/objects at every training step (see the module docstring)
     train_limit: int | None = None  # questions per task (subsets for quick runs)
@@ -166,9 +173,10 @@ def read_task(data_dir: str | os.PathLike, task: int, split: str, limit: int | N
 
 # ---- examples -----------------------------------------------------------------------------------
 def source_text(q: Question, max_sentences: int) -> str:
-    """The last ``max_sentences`` statements and the question, lower-cased."""
+    """The last ``max_sentences`` statements and the question, lower-cased, with a leading space:
+    every word then tokenizes as it does mid-sentence (" mary" in the story and in the question)."""
     facts = q.story[-max_sentences:] if max_sentences > 0 else ()
-    return " ".join((*facts, q.question)).lower()
+    return " " + " ".join((*facts, q.question)).lower()
 
 
 def target_text(q: Question) -> str:
