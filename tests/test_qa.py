@@ -75,8 +75,8 @@ def test_parse_babi_rejects_malformed_lines():
 
 def test_source_text_keeps_the_last_sentences_and_lowercases():
     q = Question(1, ("A b.", "C d.", "E f."), "Where is X?", "g", (2,))
-    assert source_text(q, 2) == " c d. e f. where is x?"
-    assert source_text(q, 0) == " where is x?"
+    assert source_text(q, 2) == "c d. e f. where is x?"
+    assert source_text(q, 0) == "where is x?"
 
 
 def test_score_is_exact_match_per_task():

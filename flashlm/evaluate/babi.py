@@ -173,10 +173,9 @@ def read_task(data_dir: str | os.PathLike, task: int, split: str, limit: int | N
 
 # ---- examples -----------------------------------------------------------------------------------
 def source_text(q: Question, max_sentences: int) -> str:
-    """The last ``max_sentences`` statements and the question, lower-cased, with a leading space:
-    every word then tokenizes as it does mid-sentence (" mary" in the story and in the question)."""
+    """The last ``max_sentences`` statements and the question, lower-cased."""
     facts = q.story[-max_sentences:] if max_sentences > 0 else ()
-    return " " + " ".join((*facts, q.question)).lower()
+    return " ".join((*facts, q.question)).lower()
 
 
 def target_text(q: Question) -> str:
