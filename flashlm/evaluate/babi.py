@@ -48,8 +48,8 @@ DATA_SUBDIR = "shared/data/babi-en-1k"
 # From scratch over a word-level BPE vocabulary: the long-range recipe (flashlm.evaluate.longrange),
 # a local layer with a 6-token window (a sentence: it binds each place to its subject) under a global
 # layer with an effectively infinite RoPE base (content lookup), init_std 0.1. Measured on qa1 alone,
-# 3 min on one thread: 87.8% test, against 51.8% for the previous 4-layer all-global model, which only
-# ever answered with the last place named; deeper (3-4 layers) sat on that plateau.
+# 3 min on one thread: 66-88% test over three runs, against 51.8% for the previous 4-layer all-global
+# model, which only ever answered with the last place named; deeper (3-4 layers) sat on that plateau.
 DEFAULT_MODEL = ModelConfig(
     vocab_size=512,
     d_model=128,
