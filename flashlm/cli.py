@@ -419,6 +419,8 @@ def eval_babi(
     data: Annotated[Path | None, typer.Option(help="bAbI directory (default: $FLASHLM_BABI).")] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated task numbers.")] = "1-20",
     per_task: Annotated[bool, typer.Option(help="One model per task instead of one joint model.")] = False,
+    jobs: Annotated[int, typer.Option(min=1, help="With --per-task: tasks trained side by side, one process each "
+                                      "(threads are shared out; 2 on 2 cores).")] = 1,
     max_sentences: Annotated[int, typer.Option(help="Story statements kept before each question.")] = 50,
     augment: Annotated[bool, typer.Option(help="Rename people, places and objects at random at every step.")] = True,
     minutes: MinutesOpt = None,
@@ -444,13 +446,14 @@ def eval_babi(
 
     numbers = tuple(range(1, 21)) if tasks == "1-20" else tuple(int(t) for t in tasks.split(",") if t.strip())
     cfg = BabiConfig(tasks=numbers, per_task=per_task, max_sentences=max_sentences, augment=augment,
-                     train_limit=train_limit, test_limit=test_limit)
+                     train_limit=train_limit, test_limit=test_limit, jobs=jobs, threads=threads)
     (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
     ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     directory = find_data(data)
     results = run_babi(directory, cfg, net, tok, save)
-    settings = {"tasks": list(numbers), "per_task": per_task, "max_sentences": max_sentences, "augment": augment,
+    settings = {"tasks": list(numbers), "per_task": per_task, "jobs": jobs, "max_sentences": max_sentences,
+                "augment": augment,
                 "minutes": minutes, "clock": clock, "precision": precision,
                 "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
                 "preset": preset, "threads": threads}

@@ -118,6 +118,18 @@ def test_budgets_stop_the_run():
     assert timed["final_loss"] is not None
 
 
+def test_stop_loss_ends_a_converged_run_early():
+    examples = copy_examples(512, 0)
+    cfg = FinetuneConfig(epochs=40, max_steps=400, batch_size=32, lr=3e-3, warmup_steps=20, progress=False,
+                         log_every=10, stop_loss=0.05, stop_windows=3)
+    summary = finetune(tiny_model(), examples, cfg)
+    tail = [loss for _, loss in summary["history"][-3:]]
+    assert summary["steps"] < 400 and summary["steps"] % 10 == 0  # stops on a logged window
+    assert all(loss < 0.05 for loss in tail)
+    assert finetune(tiny_model(), examples, FinetuneConfig(epochs=10, max_steps=30, batch_size=32, progress=False,
+                                                           stop_loss=1e-9))["steps"] == 30
+
+
 def test_new_model_sizes_the_vocabulary_to_the_tokenizer():
     texts = ["the cat sat on the mat", "the dog sat on the log"] * 20
     model, tok = new_model(texts, "nano", vocab_size=300, layer_pattern="G")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,37 @@ def test_babi_end_to_end_tiny(tmp_path):
     assert results["mean_accuracy"] == pytest.approx(sum(results["accuracy"].values()) / 2)
     assert results["runs"][0]["steps"] == 6
     assert "qa4" in babi.markdown(results)
+
+
+def test_next_budget_shares_unclaimed_worker_time():
+    # 2 workers, 100 s left: one task running with 30 s to go leaves 170 s for the 2 waiting tasks
+    assert babi.next_budget(100.0, 2, [30.0], 2) == pytest.approx(85.0)
+    # a task that ended early frees its time: nothing running, 1 task waiting gets both workers' time
+    assert babi.next_budget(100.0, 2, [], 1) == pytest.approx(200.0)
+    # overdue tasks claim nothing, and a budget never drops to zero
+    assert babi.next_budget(100.0, 2, [-5.0], 4) == pytest.approx(50.0)
+    assert babi.next_budget(0.0, 2, [10.0], 1) == 1.0
+    # start-up and scoring of the unfinished tasks (here 5 s each, 3 of them) are set aside first
+    assert babi.next_budget(100.0, 2, [30.0], 2, overhead=5.0) == pytest.approx(77.5)
+
+
+@pytest.mark.slow
+def test_babi_per_task_in_two_processes_matches_one(tmp_path):
+    cfg = BabiConfig(
+        tasks=(1, 4),
+        per_task=True,
+        model=TINY,
+        vocab_size=400,
+        train_limit=40,
+        test_limit=8,
+        finetune=FinetuneConfig(max_steps=3, batch_size=8, progress=False),
+    )
+    serial = run_babi(BABI, cfg)
+    parallel = run_babi(BABI, replace(cfg, jobs=2, threads=2), save_dir=tmp_path)
+    assert [r["tasks"] for r in parallel["runs"]] == [[1], [4]]
+    assert parallel["accuracy"] == serial["accuracy"]
+    assert [r["final_loss"] for r in parallel["runs"]] == pytest.approx([r["final_loss"] for r in serial["runs"]])
+    assert (tmp_path / "qa4").is_dir()
 
 
 # ---- span decoding ------------------------------------------------------------------------------

@@ -97,13 +97,17 @@ class BabiConfig:
     vocab_size: int = 1024
     model: ModelConfig | str = field(default_factory=lambda: DEFAULT_MODEL)
     finetune: FinetuneConfig = field(
-        default_factory=lambda: FinetuneConfig(epochs=200, batch_size=16, lr=3e-3, warmup_steps=100, bucket=32)
+        default_factory=lambda: FinetuneConfig(
+            epochs=200, batch_size=16, lr=3e-3, warmup_steps=100, bucket=32, stop_loss=0.01, stop_windows=10
+        )
     )
     augment: bool = True  # rename people/places/objects at every training step (see the module docstring)
     train_limit: int | None = None  # questions per task (subsets for quick runs)
     test_limit: int | None = None
     eval_batch_size: int = 64
     device: str = "cpu"  # where a fresh model is built
+    jobs: int = 1  # per task: worker processes training tasks side by side
+    threads: int | None = None  # torch threads in all (per task with jobs: shared by the workers)
 
 
 # ---- parsing ------------------------------------------------------------------------------------
@@ -299,44 +303,109 @@ def run_babi(
 ) -> dict[str, Any]:
     """Fine-tune (jointly or per task) and score every task in ``cfg.tasks`` on its test file.
 
-    ``save_dir`` keeps the fine-tuned model and tokenizer (per task: one subdirectory ``qaN`` each).
+    Per task with ``cfg.jobs`` > 1, that many worker processes train tasks side by side, each on
+    ``cfg.threads // cfg.jobs`` threads, and the time budget is shared out as tasks finish (see
+    `next_budget`). ``save_dir`` keeps the fine-tuned model and tokenizer (per task: ``qaN`` each).
     """
     began = time.perf_counter()
-    train = {t: read_task(data_dir, t, "train", cfg.train_limit) for t in cfg.tasks}
-    test = {t: read_task(data_dir, t, "test", cfg.test_limit) for t in cfg.tasks}
     groups = [[t] for t in cfg.tasks] if cfg.per_task else [list(cfg.tasks)]
-    accuracy: dict[int, float] = {}
-    runs = []
-    for group in groups:
-        questions = [q for t in group for q in train[t]]
-        net, tok, summary = train_model(questions, _share_budget(cfg, len(groups)), _copy(model), tokenizer)
-        accuracy.update(evaluate(net, tok, [q for t in group for q in test[t]], cfg.max_sentences, cfg.eval_batch_size))
-        runs.append({k: v for k, v in summary.items() if k != "history"} | {"tasks": group})
-        if save_dir is not None:
-            net.save_pretrained(Path(save_dir) / f"qa{group[0]}" if cfg.per_task else save_dir, tok)
-    return _results(accuracy, runs, net, time.perf_counter() - began, summary["history"])
+    work = [(data_dir, cfg, g, model, tokenizer, _save_path(save_dir, g, cfg.per_task)) for g in groups]
+    if cfg.per_task and cfg.jobs > 1 and len(groups) > 1:
+        outcomes = _run_parallel(work, cfg)
+    else:
+        outcomes = [train_and_score(*w, minutes=_share(cfg.finetune.max_minutes, len(groups))) for w in work]
+    accuracy = {t: a for o in outcomes for t, a in o["accuracy"].items()}
+    runs = [o["run"] for o in outcomes]
+    return _results(accuracy, runs, outcomes[-1], time.perf_counter() - began)
 
 
-def _share_budget(cfg: BabiConfig, parts: int) -> BabiConfig:
+def train_and_score(
+    data_dir: str | os.PathLike,
+    cfg: BabiConfig,
+    group: Sequence[int],
+    model: FlashLM | None,
+    tokenizer: Any,
+    save_path: Path | None,
+    minutes: float | None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Train on the tasks of ``group`` for at most ``minutes`` and score them on their test files."""
+    import copy
     from dataclasses import replace
 
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    train = [q for t in group for q in read_task(data_dir, t, "train", cfg.train_limit)]
+    test = [q for t in group for q in read_task(data_dir, t, "test", cfg.test_limit)]
+    cfg = replace(cfg, finetune=replace(cfg.finetune, max_minutes=minutes))
+    start = copy.deepcopy(model) if model is not None else None
+    net, tok, summary = train_model(train, cfg, start, tokenizer)
+    accuracy = evaluate(net, tok, test, cfg.max_sentences, cfg.eval_batch_size)
+    if save_path is not None:
+        net.save_pretrained(save_path, tok)
+    run = {k: v for k, v in summary.items() if k != "history"} | {"tasks": list(group), "budget_minutes": minutes}
+    return {"accuracy": accuracy, "run": run, "history": summary["history"],
+            "parameters": net.num_parameters(), "model_config": net.cfg.to_dict()}
+
+
+def next_budget(
+    seconds_left: float, jobs: int, running_left: Sequence[float], waiting: int, overhead: float = 0.0
+) -> float:
+    """Training seconds for the next task to start: the workers' time still unclaimed, less each
+    unfinished task's ``overhead`` (start-up, tokenizer, scoring), shared by the ``waiting`` tasks.
+    ``running_left`` holds what the running tasks may still train; a task that ends early (its loss
+    converged) thereby hands its rest to those after it."""
+    free = seconds_left * jobs - sum(max(r, 0.0) for r in running_left)
+    free -= overhead * (waiting + len(running_left))
+    return max(free / max(waiting, 1), 1.0)
+
+
+def _run_parallel(work: list[tuple], cfg: BabiConfig) -> list[dict[str, Any]]:
+    """`train_and_score` over ``work`` in ``cfg.jobs`` spawned processes, in order of submission."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    jobs = min(cfg.jobs, len(work))
+    threads = max(1, (cfg.threads or os.cpu_count() or 1) // jobs)
     minutes = cfg.finetune.max_minutes
-    ft = replace(cfg.finetune, max_minutes=minutes / parts if minutes else None)
-    return replace(cfg, finetune=ft)
+    deadline = time.perf_counter() + minutes * 60 if minutes else None
+    running: dict[Any, tuple[int, float, float]] = {}  # future → (index, started, budget seconds)
+    outcomes: dict[int, dict[str, Any]] = {}
+    overheads: list[float] = []  # per finished task: wall seconds not spent training
+    queue = list(range(len(work)))
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while queue or running:
+            while queue and len(running) < jobs:
+                index, now = queue.pop(0), time.perf_counter()
+                budget = None
+                if deadline is not None:
+                    left = [b - (now - s) for _, s, b in running.values()]
+                    overhead = sum(overheads) / len(overheads) if overheads else 0.0
+                    budget = next_budget(deadline - now, jobs, left, len(queue) + 1, overhead)
+                future = pool.submit(train_and_score, *work[index], budget / 60 if budget else None, threads)
+                running[future] = (index, now, budget or 0.0)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                index, started, _ = running.pop(future)
+                outcomes[index] = future.result()
+                overheads.append(time.perf_counter() - started - outcomes[index]["run"]["seconds"])
+    return [outcomes[i] for i in range(len(work))]
 
 
-def _copy(model: FlashLM | None) -> FlashLM | None:
-    import copy
+def _share(minutes: float | None, parts: int) -> float | None:
+    return minutes / parts if minutes else None
 
-    return copy.deepcopy(model) if model is not None else None
+
+def _save_path(save_dir: str | os.PathLike | None, group: Sequence[int], per_task: bool) -> Path | None:
+    if save_dir is None:
+        return None
+    return Path(save_dir) / f"qa{group[0]}" if per_task else Path(save_dir)
 
 
 def _results(
-    accuracy: dict[int, float],
-    runs: list[dict[str, Any]],
-    model: FlashLM,
-    seconds: float,
-    history: list[tuple[int, float]],
+    accuracy: dict[int, float], runs: list[dict[str, Any]], last: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
     mean = sum(accuracy.values()) / len(accuracy)
     return {
@@ -345,10 +414,10 @@ def _results(
         "failed_tasks": sum(a < FAILED_BELOW for a in accuracy.values()),
         "train_seconds": sum(r["seconds"] for r in runs),
         "total_seconds": seconds,
-        "parameters": model.num_parameters(),
-        "model_config": model.cfg.to_dict(),
+        "parameters": last["parameters"],
+        "model_config": last["model_config"],
         "runs": runs,
-        "loss_history": history,
+        "loss_history": last["history"],
     }
 
 

@@ -64,6 +64,8 @@ class FinetuneConfig:
     seed: int = 0
     bucket: int = 32  # sort by length inside groups of this many batches (0 or 1: plain shuffle)
     log_every: int = 20
+    stop_loss: float | None = None  # stop early once `stop_windows` logged losses in a row are below it
+    stop_windows: int = 5
     progress: bool = True
 
     def validate(self) -> None:
@@ -75,6 +77,8 @@ class FinetuneConfig:
             (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be positive"),
             (self.max_steps is None or self.max_steps >= 0, "max_steps", "must be >= 0"),
             (self.clock in ("wall", "cpu"), "clock", "must be wall or cpu"),
+            (self.stop_loss is None or self.stop_loss > 0, "stop_loss", "must be positive"),
+            (self.stop_windows > 0, "stop_windows", "must be positive"),
             (self.precision in ("fp32", "bf16", "auto"), "precision", "must be fp32, bf16 or auto"),
         ]
         for ok, key, msg in checks:
@@ -208,7 +212,7 @@ def fit(
     module.train()
     with _progress(cfg.progress) as bar:
         for step, rows in enumerate(_batch_stream(lengths, cfg)):
-            if step >= total or state.out_of_time():
+            if step >= total or state.out_of_time() or state.converged(cfg.stop_loss, cfg.stop_windows):
                 break
             cosine = lr_factor(round(state.progress(step) * SCHEDULE_STEPS), tcfg)
             _set_lr(optimizer, cfg.lr * min(1.0, (step + 1) / warmup) * cosine)
@@ -289,6 +293,11 @@ class _Run:
 
     def out_of_time(self) -> bool:
         return self.budget is not None and self.elapsed() >= self.budget
+
+    def converged(self, stop_loss: float | None, windows: int) -> bool:
+        """The last ``windows`` logged losses are all below ``stop_loss``."""
+        recent = self.history[-windows:]
+        return stop_loss is not None and len(recent) == windows and all(loss < stop_loss for _, loss in recent)
 
     def progress(self, step: int) -> float:
         """Share of the run done: of the steps, or of the time budget when the clock runs ahead."""
