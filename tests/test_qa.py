@@ -113,6 +113,23 @@ def test_entity_classes_follow_each_tasks_cast_and_keep_gender():
         assert all((old in babi.WOMEN) == (new in babi.WOMEN) for old, new in renaming.items())
 
 
+def test_renaming_animals_keeps_deductions_true():
+    """qa15 ("sheep are afraid of wolves. gertrude is a sheep." → wolf) under random renamings of the
+    animals, plurals included: solving the renamed story still gives the renamed answer."""
+    questions = read_task(BABI, 15, "train", limit=200)
+    cast = babi.task_entities(questions)[15]
+    assert set(babi.ANIMALS[:4]) in [set(names) for names in cast]
+    singular = {plural: name for name, plural in babi.PLURALS.items()}
+    species = lambda word: singular.get(word.rstrip("."), word.rstrip("."))
+    rng = np.random.default_rng(1)
+    for q in questions:
+        r = babi.rename(q, babi.entity_renaming(rng, cast))
+        who = r.question.lower().rstrip("?").split()[2]  # "what is <who> afraid of"
+        kind = next(s.split()[-1] for s in map(str.lower, r.story) if s.startswith(f"{who} is a"))
+        fears = {species(s.split()[0]): species(s.split()[-1]) for s in map(str.lower, r.story) if " afraid " in s}
+        assert fears[species(kind)] == r.answer.lower()
+
+
 def test_augmenting_collate_is_seeded_and_renames(tmp_path):
     questions = read_task(BABI, 1, "train")
     tok = Tokenizer.train(babi.corpus(questions, 50), vocab_size=1024, show_progress=False)  # a token a word

@@ -7,8 +7,9 @@ End-to-End Memory Networks keep 50) plus the question as the bidirectional sourc
 causal target. Text is lower-cased (names appear in both cases in task 20) and answers are compared
 lower-cased after stripping spaces; predictions come from greedy decoding.
 
-With ``augment`` (the default), every training batch renames the people, places and objects of its
-stories: one random permutation of each entity class, applied to story, question and answer alike.
+With ``augment`` (the default), every training batch renames the people, places, objects, animals,
+colours and shapes of its stories: one random permutation of each entity class, applied to story,
+question and answer alike.
 The renamed question is as correct as the original (bAbI states every fact it asks about), so a
 1k training set yields a fresh story at every step and the model cannot memorise who went where;
 task 20 keeps its places and objects, whose meaning it asks about (hungry → kitchen).
@@ -72,7 +73,13 @@ MEN = ("daniel", "john", "fred", "bill", "jeff", "julius", "greg", "brian", "ber
        "sumit", "yann")
 PLACES = ("kitchen", "bedroom", "office", "garden", "hallway", "bathroom", "school", "park", "cinema")
 OBJECTS = ("football", "apple", "milk")
-ENTITY_CLASSES = (WOMEN, MEN, PLACES, OBJECTS)
+ANIMALS = ("sheep", "cat", "mouse", "wolf", "frog", "lion", "swan", "rhino")  # qa15, qa16
+COLORS = ("white", "gray", "yellow", "green", "red", "pink", "blue")  # qa16, qa17
+SHAPES = ("square", "rectangle", "triangle", "sphere")  # qa17
+ENTITY_CLASSES = (WOMEN, MEN, PLACES, OBJECTS, ANIMALS, COLORS, SHAPES)
+# Plural forms in the stories ("cats are afraid of wolves"): renamed with their singular, to the new
+# name's plural, or to the new name itself where it has none (as "sheep" serves for both).
+PLURALS = {"cat": "cats", "mouse": "mice", "wolf": "wolves"}
 KEEP_PLACES_AND_OBJECTS = frozenset({20})  # qa20 asks why someone went somewhere / took something
 
 
@@ -201,9 +208,10 @@ _WORD = re.compile(r"[A-Za-z]+")
 def task_entities(questions: Iterable[Question]) -> dict[int, list[tuple[str, ...]]]:
     """Per task, the entity classes as they occur in `questions` (a task keeps its own cast)."""
     words: dict[int, set[str]] = {}
+    singular = {plural: name for name, plural in PLURALS.items()}
     for q in questions:
         text = " ".join((*q.story, q.question, q.answer)).lower()
-        words.setdefault(q.task, set()).update(_WORD.findall(text))
+        words.setdefault(q.task, set()).update(singular.get(w, w) for w in _WORD.findall(text))
     out = {}
     for task, seen in words.items():
         classes = ENTITY_CLASSES[:2] if task in KEEP_PLACES_AND_OBJECTS else ENTITY_CLASSES
@@ -212,8 +220,10 @@ def task_entities(questions: Iterable[Question]) -> dict[int, list[tuple[str, ..
 
 
 def entity_renaming(rng: np.random.Generator, classes: Sequence[tuple[str, ...]]) -> dict[str, str]:
-    """A random renaming: one permutation of each entity class."""
-    return {old: str(new) for names in classes for old, new in zip(names, rng.permutation(names), strict=True)}
+    """A random renaming: one permutation of each entity class (plural forms follow their singular)."""
+    renaming = {old: str(new) for names in classes for old, new in zip(names, rng.permutation(names), strict=True)}
+    plurals = {PLURALS[old]: PLURALS.get(new, new) for old, new in renaming.items() if old in PLURALS}
+    return renaming | plurals
 
 
 def rename(q: Question, renaming: dict[str, str]) -> Question:
