@@ -147,16 +147,14 @@ def test_real_babi_files_parse_to_1000_questions_per_task():
         assert len(read_task(BABI, task, "test")) == 1000
 
 
+def tiny_babi(steps: int, batch_size: int, **changes) -> BabiConfig:
+    """Tasks 1 and 4 on subsets with the tiny model, for a few steps."""
+    ft = FinetuneConfig(max_steps=steps, batch_size=batch_size, progress=False)
+    return BabiConfig(**{"tasks": (1, 4), "model": TINY, "vocab_size": 400, "finetune": ft, **changes})
+
+
 def test_babi_end_to_end_tiny(tmp_path):
-    cfg = BabiConfig(
-        tasks=(1, 4),
-        model=TINY,
-        vocab_size=400,
-        train_limit=60,
-        test_limit=12,
-        finetune=FinetuneConfig(max_steps=6, batch_size=16, progress=False),
-    )
-    results = run_babi(BABI, cfg)
+    results = run_babi(BABI, tiny_babi(6, 16, train_limit=60, test_limit=12))
     assert set(results["accuracy"]) == {"1", "4"}
     assert all(0.0 <= a <= 1.0 for a in results["accuracy"].values())
     assert results["mean_accuracy"] == pytest.approx(sum(results["accuracy"].values()) / 2)
@@ -178,15 +176,7 @@ def test_next_budget_shares_unclaimed_worker_time():
 
 @pytest.mark.slow
 def test_babi_per_task_in_two_processes_matches_one(tmp_path):
-    cfg = BabiConfig(
-        tasks=(1, 4),
-        per_task=True,
-        model=TINY,
-        vocab_size=400,
-        train_limit=40,
-        test_limit=8,
-        finetune=FinetuneConfig(max_steps=3, batch_size=8, progress=False),
-    )
+    cfg = tiny_babi(3, 8, per_task=True, train_limit=40, test_limit=8)
     serial = run_babi(BABI, cfg)
     parallel = run_babi(BABI, replace(cfg, jobs=2, threads=2), save_dir=tmp_path)
     assert [r["tasks"] for r in parallel["runs"]] == [[1], [4]]
