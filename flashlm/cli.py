@@ -444,6 +444,10 @@ def eval_babi(
     from flashlm.evaluate.babi import BabiConfig, find_data, run_babi, task_file
     from flashlm.evaluate.report import write_result
 
+    if jobs > 1 and not per_task:
+        from flashlm.errors import ConfigError
+
+        raise ConfigError(f"--jobs {jobs}: one joint model trains in one process; add --per-task or drop --jobs")
     numbers = tuple(range(1, 21)) if tasks == "1-20" else tuple(int(t) for t in tasks.split(",") if t.strip())
     cfg = BabiConfig(tasks=numbers, per_task=per_task, max_sentences=max_sentences, augment=augment,
                      train_limit=train_limit, test_limit=test_limit, jobs=jobs, threads=threads)

@@ -174,6 +174,16 @@ def test_next_budget_shares_unclaimed_worker_time():
     assert babi.next_budget(100.0, 2, [30.0], 2, overhead=5.0) == pytest.approx(77.5)
 
 
+def test_babi_cli_refuses_jobs_without_per_task(tmp_path):
+    from typer.testing import CliRunner
+
+    from flashlm.cli import app
+    from flashlm.errors import ConfigError
+
+    bad = CliRunner().invoke(app, ["eval", "babi", "--jobs", "2", "--data", str(BABI), "--out", str(tmp_path)])
+    assert isinstance(bad.exception, ConfigError) and "--per-task" in str(bad.exception)
+
+
 @pytest.mark.slow
 def test_babi_per_task_in_two_processes_matches_one(tmp_path):
     cfg = tiny_babi(3, 8, per_task=True, train_limit=40, test_limit=8)
