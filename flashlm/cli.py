@@ -423,6 +423,10 @@ def eval_babi(
                                       "(threads are shared out; 2 on 2 cores).")] = 1,
     max_sentences: Annotated[int, typer.Option(help="Story statements kept before each question.")] = 50,
     augment: Annotated[bool, typer.Option(help="Rename people, places and objects at random at every step.")] = True,
+    supporting_facts: Annotated[bool, typer.Option(
+        "--supporting-facts/--answer-only",
+        help="Train the model to write the supporting statements bAbI marks, then '= answer' (strong "
+             "supervision; only the answer is scored), or the answer alone.")] = True,
     minutes: MinutesOpt = None,
     epochs: EpochsOpt = None,
     max_steps: StepsOpt = None,
@@ -450,14 +454,15 @@ def eval_babi(
         raise ConfigError(f"--jobs {jobs}: one joint model trains in one process; add --per-task or drop --jobs")
     numbers = tuple(range(1, 21)) if tasks == "1-20" else tuple(int(t) for t in tasks.split(",") if t.strip())
     cfg = BabiConfig(tasks=numbers, per_task=per_task, max_sentences=max_sentences, augment=augment,
-                     train_limit=train_limit, test_limit=test_limit, jobs=jobs, threads=threads)
+                     supporting_facts=supporting_facts, train_limit=train_limit, test_limit=test_limit,
+                     jobs=jobs, threads=threads)
     (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
     ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     directory = find_data(data)
     results = run_babi(directory, cfg, net, tok, save)
     settings = {"tasks": list(numbers), "per_task": per_task, "jobs": jobs, "max_sentences": max_sentences,
-                "augment": augment,
+                "augment": augment, "supporting_facts": supporting_facts,
                 "minutes": minutes, "clock": clock, "precision": precision,
                 "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
                 "preset": preset, "threads": threads}

@@ -80,6 +80,16 @@ def test_source_text_keeps_the_last_sentences_and_lowercases():
     assert source_text(q, 0) == "where is x?"
 
 
+def test_target_lists_supporting_facts_in_the_windows_then_the_answer():
+    q = Question(2, ("A b.", "C d.", "E f."), "Where is X?", "Garden", (2, 0))
+    assert babi.target_text(q, 50) == " garden"
+    assert babi.target_text(q, 50, facts=True) == " e f. a b. = garden"
+    assert babi.target_text(q, 2, facts=True) == " e f. = garden"  # "a b." is outside the window
+    assert babi.target_text(q, 0, facts=True) == " = garden"
+    assert babi.answer_of(" e f. a b. = garden") == " garden" and babi.answer_of("garden") == "garden"
+    assert score(["e f. = garden", "garden =", "garden"], [q, q, q]) == {2: 2 / 3}
+
+
 def test_score_is_exact_match_per_task():
     qs = [
         Question(1, (), "q", "garden", ()),

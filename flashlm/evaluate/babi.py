@@ -7,6 +7,12 @@ End-to-End Memory Networks keep 50) plus the question as the bidirectional sourc
 causal target. Text is lower-cased (names appear in both cases in task 20) and answers are compared
 lower-cased after stripping spaces; predictions come from greedy decoding.
 
+With ``supporting_facts`` (the default) the target first repeats the statements bAbI marks as
+supporting the answer, in the file's order (the order of the reasoning), then ``= answer``: the
+training files' supporting-fact labels become a scratchpad, so a multi-hop question is learnt as a
+chain of single lookups. This is bAbI's strongly supervised setting (as MemNN's, not MemN2N's); at
+test time the model writes its own chain and only the answer after the last ``=`` is scored.
+
 With ``augment`` (the default), every training batch renames the people, places, objects, animals,
 colours and shapes of its stories: one random permutation of each entity class, applied to story,
 question and answer alike.
@@ -81,6 +87,7 @@ ENTITY_CLASSES = (WOMEN, MEN, PLACES, OBJECTS, ANIMALS, COLORS, SHAPES)
 # name's plural, or to the new name itself where it has none (as "sheep" serves for both).
 PLURALS = {"cat": "cats", "mouse": "mice", "wolf": "wolves"}
 KEEP_PLACES_AND_OBJECTS = frozenset({20})  # qa20 asks why someone went somewhere / took something
+ANSWER_MARK = "="  # with supporting facts: the answer follows it
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class BabiConfig:
             epochs=200, batch_size=16, lr=3e-3, warmup_steps=100, bucket=32, stop_loss=0.01, stop_windows=10
         )
     )
+    supporting_facts: bool = True  # the target lists the supporting statements before the answer
     augment: bool = True  # rename people/places/objects at every training step (see the module docstring)
     train_limit: int | None = None  # questions per task (subsets for quick runs)
     test_limit: int | None = None
@@ -189,17 +197,32 @@ def source_text(q: Question, max_sentences: int) -> str:
     return " ".join((*facts, q.question)).lower()
 
 
-def target_text(q: Question) -> str:
-    """The answer as the model writes it (a leading space keeps whole-word tokens)."""
-    return " " + q.answer.lower()
+def target_text(q: Question, max_sentences: int = 0, facts: bool = False) -> str:
+    """What the model writes (a leading space keeps whole-word tokens): the answer, or with ``facts``
+    the supporting statements that are among the last ``max_sentences``, then `ANSWER_MARK` and the answer."""
+    if not facts:
+        return " " + q.answer.lower()
+    first = max(len(q.story) - max_sentences, 0)
+    chain = [q.story[i] for i in q.supporting if i >= first] if max_sentences > 0 else []
+    return " " + " ".join((*chain, ANSWER_MARK, q.answer)).lower()
+
+
+def answer_of(written: str) -> str:
+    """The answer in what the model wrote: all of it, or what follows the last `ANSWER_MARK`."""
+    return written.rpartition(ANSWER_MARK)[2]
 
 
 def normalize(answer: str) -> str:
     return re.sub(r"\s+", "", answer.lower())
 
 
-def build_examples(tokenizer: Any, questions: Sequence[Question], max_sentences: int, max_len: int) -> list[Example]:
-    return [make_example(tokenizer, source_text(q, max_sentences), target_text(q), max_len) for q in questions]
+def build_examples(
+    tokenizer: Any, questions: Sequence[Question], max_sentences: int, max_len: int, facts: bool = False
+) -> list[Example]:
+    return [
+        make_example(tokenizer, source_text(q, max_sentences), target_text(q, max_sentences, facts), max_len)
+        for q in questions
+    ]
 
 
 _WORD = re.compile(r"[A-Za-z]+")
@@ -240,7 +263,9 @@ def rename(q: Question, renaming: dict[str, str]) -> Question:
     return Question(q.task, tuple(sub(s) for s in q.story), sub(q.question), sub(q.answer), q.supporting)
 
 
-def augmenting_collate(tokenizer: Any, questions: Sequence[Question], max_sentences: int, max_len: int, seed: int):
+def augmenting_collate(
+    tokenizer: Any, questions: Sequence[Question], max_sentences: int, max_len: int, seed: int, facts: bool = False
+):
     """A `fit` collate over `questions`: renames each one's entities at random (within its task's
     cast), frames it and pads the batch. One generator seeded by `seed`: a run is reproducible."""
     rng = np.random.default_rng([seed, zlib.crc32(b"babi-augment")])
@@ -248,15 +273,16 @@ def augmenting_collate(tokenizer: Any, questions: Sequence[Question], max_senten
 
     def collate(batch: Sequence[Question]) -> Any:
         renamed = [rename(q, entity_renaming(rng, cast[q.task])) for q in batch]
-        return collate_prefix(build_examples(tokenizer, renamed, max_sentences, max_len), tokenizer.pad_id or 0)
+        examples = build_examples(tokenizer, renamed, max_sentences, max_len, facts)
+        return collate_prefix(examples, tokenizer.pad_id or 0)
 
     return collate
 
 
-def corpus(questions: Iterable[Question], max_sentences: int) -> Iterable[str]:
+def corpus(questions: Iterable[Question], max_sentences: int, facts: bool = False) -> Iterable[str]:
     """Training text for the tokenizer: every source and target."""
     for q in questions:
-        yield source_text(q, max_sentences) + target_text(q)
+        yield source_text(q, max_sentences) + target_text(q, max_sentences, facts)
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -274,15 +300,25 @@ def score(predictions: Sequence[str], questions: Sequence[Question]) -> dict[int
     """Exact-match accuracy per task."""
     hits: dict[int, list[bool]] = {}
     for pred, q in zip(predictions, questions, strict=True):
-        hits.setdefault(q.task, []).append(normalize(pred) == normalize(q.answer))
+        hits.setdefault(q.task, []).append(normalize(answer_of(pred)) == normalize(q.answer))
     return {task: sum(h) / len(h) for task, h in sorted(hits.items())}
 
 
 def evaluate(
-    model: FlashLM, tokenizer: Any, questions: Sequence[Question], max_sentences: int, batch_size: int = 64
+    model: FlashLM,
+    tokenizer: Any,
+    questions: Sequence[Question],
+    max_sentences: int,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
 ) -> dict[int, float]:
     sources = [source_text(q, max_sentences) for q in questions]
-    return score(predict(model, tokenizer, sources, batch_size), questions)
+    return score(predict(model, tokenizer, sources, batch_size, max_new_tokens), questions)
+
+
+def target_tokens(tokenizer: Any, questions: Iterable[Question], max_sentences: int, facts: bool) -> int:
+    """The longest target of ``questions`` in tokens, with its <eos>: what decoding must allow."""
+    return max(len(tokenizer.encode(target_text(q, max_sentences, facts))) for q in questions) + 1
 
 
 # ---- the task -----------------------------------------------------------------------------------
@@ -290,13 +326,14 @@ def train_model(
     train: Sequence[Question], cfg: BabiConfig, model: FlashLM | None = None, tokenizer: Any = None
 ) -> tuple[FlashLM, Any, dict[str, Any]]:
     """Fine-tune ``model`` (or a new one with a tokenizer trained on ``train``) on ``train``."""
+    facts = cfg.supporting_facts
     if model is None:
-        model, tokenizer = new_model(
-            corpus(train, cfg.max_sentences), cfg.model, cfg.vocab_size, cfg.finetune.seed, cfg.device
-        )
-    examples = build_examples(tokenizer, train, cfg.max_sentences, model.cfg.max_seq_len)
+        text = corpus(train, cfg.max_sentences, facts)
+        model, tokenizer = new_model(text, cfg.model, cfg.vocab_size, cfg.finetune.seed, cfg.device)
+    max_len = model.cfg.max_seq_len
+    examples = build_examples(tokenizer, train, cfg.max_sentences, max_len, facts)
     if cfg.augment:
-        collate = augmenting_collate(tokenizer, train, cfg.max_sentences, model.cfg.max_seq_len, cfg.finetune.seed)
+        collate = augmenting_collate(tokenizer, train, cfg.max_sentences, max_len, cfg.finetune.seed, facts)
         summary = finetune(model, list(train), cfg.finetune, collate, [len(e.ids) for e in examples])
     else:
         summary = finetune(model, examples, cfg.finetune)
@@ -352,7 +389,8 @@ def train_and_score(
     cfg = replace(cfg, finetune=replace(cfg.finetune, max_minutes=minutes))
     start = copy.deepcopy(model) if model is not None else None
     net, tok, summary = train_model(train, cfg, start, tokenizer)
-    accuracy = evaluate(net, tok, test, cfg.max_sentences, cfg.eval_batch_size)
+    written = target_tokens(tok, train, cfg.max_sentences, cfg.supporting_facts) + 2
+    accuracy = evaluate(net, tok, test, cfg.max_sentences, cfg.eval_batch_size, written)
     if save_path is not None:
         net.save_pretrained(save_path, tok)
     run = {k: v for k, v in summary.items() if k != "history"} | {"tasks": list(group), "budget_minutes": minutes}
