@@ -87,7 +87,21 @@ def test_target_lists_supporting_facts_in_the_windows_then_the_answer():
     assert babi.target_text(q, 2, facts=True) == " e f. = garden"  # "a b." is outside the window
     assert babi.target_text(q, 0, facts=True) == " = garden"
     assert babi.answer_of(" e f. a b. = garden") == " garden" and babi.answer_of("garden") == "garden"
-    assert score(["e f. = garden", "garden =", "garden"], [q, q, q]) == {2: 2 / 3}
+    assert babi.answer_of("e f. = garden = garden =") == " garden "  # ran on past its <eos>
+    assert score(["e f. = garden", "garden =", "garden", "a b. = kitchen"], [q] * 4) == {2: 0.5}
+
+
+def test_babi_model_learns_to_write_a_statement_then_the_answer():
+    """Trained with supporting facts, the model writes "statement. = answer"; answer-only, no mark."""
+    train = read_task(BABI, 1, "train", limit=200)
+    for facts in (True, False):
+        net, tok, _ = babi.train_model(train, tiny_babi(100, 16, supporting_facts=facts))
+        written = babi.predict(net, tok, [source_text(q, 50) for q in train[:32]], 32, 16)
+        chains = [w.partition(babi.ANSWER_MARK)[0].strip() for w in written if babi.ANSWER_MARK in w]
+        if facts:
+            assert len(chains) == 32 and all(c.endswith(".") for c in chains)
+        else:
+            assert not chains
 
 
 def test_score_is_exact_match_per_task():

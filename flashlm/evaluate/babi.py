@@ -11,7 +11,7 @@ With ``supporting_facts`` (the default) the target first repeats the statements 
 supporting the answer, in the file's order (the order of the reasoning), then ``= answer``: the
 training files' supporting-fact labels become a scratchpad, so a multi-hop question is learnt as a
 chain of single lookups. This is bAbI's strongly supervised setting (as MemNN's, not MemN2N's); at
-test time the model writes its own chain and only the answer after the last ``=`` is scored.
+test time the model writes its own chain and only the answer after the ``=`` is scored.
 
 With ``augment`` (the default), every training batch renames the people, places, objects, animals,
 colours and shapes of its stories: one random permutation of each entity class, applied to story,
@@ -208,8 +208,10 @@ def target_text(q: Question, max_sentences: int = 0, facts: bool = False) -> str
 
 
 def answer_of(written: str) -> str:
-    """The answer in what the model wrote: all of it, or what follows the last `ANSWER_MARK`."""
-    return written.rpartition(ANSWER_MARK)[2]
+    """The answer in what the model wrote: all of it, or what follows the first `ANSWER_MARK` (up to
+    another one, should the model run on past its answer; statements never contain the mark)."""
+    chain, mark, rest = written.partition(ANSWER_MARK)
+    return rest.partition(ANSWER_MARK)[0] if mark else chain
 
 
 def normalize(answer: str) -> str:
