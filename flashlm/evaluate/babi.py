@@ -318,10 +318,6 @@ def evaluate(
     return score(predict(model, tokenizer, sources, batch_size, max_new_tokens), questions)
 
 
-def target_tokens(tokenizer: Any, questions: Iterable[Question], max_sentences: int, facts: bool) -> int:
-    """The longest target of ``questions`` in tokens, with its <eos>: what decoding must allow."""
-    return max(len(tokenizer.encode(target_text(q, max_sentences, facts))) for q in questions) + 1
-
 
 # ---- the task -----------------------------------------------------------------------------------
 def train_model(
@@ -340,6 +336,7 @@ def train_model(
     else:
         summary = finetune(model, examples, cfg.finetune)
     summary["examples"] = len(examples)
+    summary["longest_target"] = max(len(e.ids) - e.prefix_len for e in examples)  # tokens, with <eos>
     return model, tokenizer, summary
 
 
@@ -391,7 +388,7 @@ def train_and_score(
     cfg = replace(cfg, finetune=replace(cfg.finetune, max_minutes=minutes))
     start = copy.deepcopy(model) if model is not None else None
     net, tok, summary = train_model(train, cfg, start, tokenizer)
-    written = target_tokens(tok, train, cfg.max_sentences, cfg.supporting_facts) + 2
+    written = summary["longest_target"] + 2  # what decoding must allow, with some slack
     accuracy = evaluate(net, tok, test, cfg.max_sentences, cfg.eval_batch_size, written)
     if save_path is not None:
         net.save_pretrained(save_path, tok)
