@@ -10,6 +10,11 @@ threads each. Results go to bench/results/objectives.json and a section of docs/
 
     nice .venv/bin/python bench/objectives.py                 # ~15 minutes on 2 idle cores
     nice .venv/bin/python bench/objectives.py --steps 100 --variants causal hybrid   # quicker look
+    nice .venv/bin/python bench/objectives.py --steps 500 --add causal hybrid_3to1_mlm   # into the JSON
+
+With ``--add``, the variants train with the settings of the existing JSON and replace or join its
+runs; a variant already there that comes out different (causal is a cheap check) stops the merge,
+since runs must be bit-for-bit reproducible to share a table.
 """
 
 from __future__ import annotations
@@ -41,10 +46,13 @@ VARIANTS = {
     "hybrid": {"objectives": {"clm": {"ratio": 1}, "mlm": {"ratio": 3, "nsp_weight": 0.5}}},
     "hybrid_1to1": {"objectives": {"clm": {"ratio": 1}, "mlm": {"ratio": 1, "nsp_weight": 0.5}}},
     "hybrid_3to1": {"objectives": {"clm": {"ratio": 3}, "mlm": {"ratio": 1, "nsp_weight": 0.5}}},
+    "hybrid_3to1_mlm": {"objectives": {"clm": {"ratio": 3}, "mlm": {"ratio": 1}}},
+    "hybrid_4to1_mlm": {"objectives": {"clm": {"ratio": 4}, "mlm": {"ratio": 1}}},
     "mlm_only": {"objectives": {"mlm": {"ratio": 1}}},
 }
 TITLES = {"causal": "causal only", "mlm_nsp": "MLM + NSP only", "hybrid": "hybrid 1 causal : 3 MLM+NSP",
           "hybrid_1to1": "hybrid 1 causal : 1 MLM+NSP", "hybrid_3to1": "hybrid 3 causal : 1 MLM+NSP",
+          "hybrid_3to1_mlm": "hybrid 3 causal : 1 MLM (no NSP)", "hybrid_4to1_mlm": "hybrid 4 causal : 1 MLM (no NSP)",
           "mlm_only": "MLM only (no NSP)"}
 
 
@@ -203,11 +211,17 @@ def write_markdown(report: dict) -> None:
     if "nsp_effect_on_mlm_points" in c:
         notes.append(f"NSP's effect on MLM accuracy (MLM+NSP minus MLM-only): {c['nsp_effect_on_mlm_points']:+.1f} "
                      "points.")
+    for added in report.get("added", []):
+        notes.append(f"Added later with `--add` ({added['jobs']} at a time, so their *in the run* tokens/s are "
+                     f"lower): {', '.join(TITLES[n] for n in added['variants'])}; trained alongside as a check, "
+                     f"{', '.join(TITLES[n] for n in added['checked']) or 'nothing'} reproduced its stored figures "
+                     "bit for bit.")
     lines += ["", " ".join(notes), ""] if notes else [""]
     for paragraph in report.get("commentary", []):
         lines += [paragraph, ""]
-    lines += [f"Rerun: `{report['command']}` (writes `bench/results/objectives.json`; `--report-only` rewrites "
-              "this section from it).", END]
+    also = "".join(f", then `{added['command']}`" for added in report.get("added", []))
+    lines += [f"Rerun: `{report['command']}`{also} (writes `bench/results/objectives.json`; `--report-only` "
+              "rewrites this section from it).", END]
     section = "\n".join(lines)
     replace_section(DOC, BEGIN, END, section)
 
@@ -252,6 +266,8 @@ def main() -> None:
     parser.add_argument("--speed-steps", type=int, default=40, help="steps of the sequential speed pass")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
     parser.add_argument("--speed-only", action="store_true", help="redo the speed pass into the existing JSON")
+    parser.add_argument("--add", action="store_true", help="train --variants with the JSON's settings and merge "
+                        "them into it (a rerun variant must reproduce its stored figures)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -276,6 +292,8 @@ def main() -> None:
         report["checks"] = checks(report["runs"])
         RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         return write_markdown(report)
+    if args.add:
+        return add_variants(list(args.variants), args.jobs)
     settings = {"steps": args.steps, "speed_steps": args.speed_steps, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "lr": args.lr,
                 "vocab_size": args.vocab_size, "threads": args.threads, "jobs": args.jobs}
@@ -305,6 +323,41 @@ def main() -> None:
     if RESULTS.exists():  # keep hand-written commentary across reruns
         report["commentary"] = json.loads(RESULTS.read_text(encoding="utf-8")).get("commentary", [])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_markdown(report)
+    print(json.dumps(report["checks"], indent=2))
+
+
+def add_variants(names: list[str], jobs: int) -> None:
+    """Train `names` with the stored settings and merge them into the JSON (see the module docstring)."""
+    report = json.loads(RESULTS.read_text(encoding="utf-8"))
+    settings = {k: v for k, v in report["settings"].items() if k not in ("masking", "train_tokens_per_variant",
+                                                                       "data_splits")}
+    if report["settings"]["masking"] != MASKING:
+        raise SystemExit(f"{RESULTS}: stored masking {report['settings']['masking']} differs from {MASKING}; "
+                         "rerun every variant instead of --add")
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="flashlm-bench-objectives-") as tmp:
+        data = Path(tmp) / "shards"
+        prepare(data, settings["vocab_size"])
+        runs = run_children(names, data, Path(tmp), settings, jobs)
+        for name, speed in measure_speed(names, data, Path(tmp), settings).items():
+            runs[name]["isolated_tokens_per_s"] = speed
+    checked = [name for name in runs if name in report["runs"]]
+    for name, run in runs.items():
+        old = report["runs"].get(name)
+        if old is None:
+            report["runs"][name] = run
+        elif (old["causal_loss"], old["mlm_acc"]) != (run["causal_loss"], run["mlm_acc"]):
+            raise SystemExit(f"variant {name} no longer reproduces its stored figures ({old['causal_loss']} vs "
+                             f"{run['causal_loss']}): rerun every variant instead of --add")
+        # a variant that reproduces keeps its stored entry (and the speeds of the run it came from)
+    report["runs"] = {k: report["runs"][k] for k in VARIANTS if k in report["runs"]}
+    added = {"variants": [n for n in names if n not in checked], "checked": checked, "jobs": jobs,
+             "wall_seconds": round(time.perf_counter() - began, 1),
+             "command": "nice python bench/objectives.py " + " ".join(sys.argv[1:])}
+    report["added"] = report.get("added", []) + [added]
+    report["checks"] = checks(report["runs"])
     RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     write_markdown(report)
     print(json.dumps(report["checks"], indent=2))

@@ -47,6 +47,7 @@ class ModelConfig:
     max_seq_len: int = 512
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    dropout: float = 0.0  # on the embeddings and every residual branch, in training mode only
 
     def __post_init__(self) -> None:
         if self.head_dim is None and isinstance(self.d_model, int) and isinstance(self.n_heads, int):
@@ -94,6 +95,7 @@ class ModelConfig:
                  f"{self.sliding_window} is larger than the context max_seq_len={self.max_seq_len}; "
                  "lower it or make every layer global (layer_pattern: G)")
         need(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         for key in ("attn_softcap", "final_softcap"):
             value = getattr(self, key)
             need(value is None or value > 0, key, f"must be positive or null, got {value}")

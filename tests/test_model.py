@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flashlm.config import count_parameters, get_preset, replace
-from flashlm.errors import CheckpointError
+from flashlm.errors import CheckpointError, ConfigError
 from flashlm.model.cache import KVCache
 from flashlm.model.transformer import FlashLM
 
@@ -190,6 +190,18 @@ def test_untied_and_softcapped_variants_run():
         logits = model(ids()).logits
     assert logits.abs().max() <= 5.0
     assert model.lm_head is not None
+
+
+def test_dropout_acts_in_training_mode_only():
+    plain, dropped = make_model(), make_model(dropout=0.3)  # same seed: the same weights
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(plain(x).logits, dropped(x).logits)  # eval mode: dropout is off
+        dropped.train()
+        first, second = dropped(x).logits, dropped(x).logits
+    assert not torch.allclose(first, second)  # a fresh mask at every call
+    with pytest.raises(ConfigError, match="model.dropout"):
+        replace(get_preset("nano"), dropout=1.0)
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -47,16 +47,20 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, offset=gemma)
         self.mlp = GatedMLP(cfg.d_model, cfg.d_ff, "gelu_tanh" if gemma else "silu")
         self.post_mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if gemma else None
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, mask, cache=None, return_weights=False):
         h, weights = self.attn(self.attn_norm(x), cos, sin, mask, cache, return_weights)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + h
+        x = x + self._drop(h)
         h = self.mlp(self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + h, weights
+        return x + self._drop(h), weights
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        return F.dropout(h, self.dropout, training=True) if self.dropout and self.training else h
 
 
 def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -136,6 +140,8 @@ class FlashLM(nn.Module):
         x = self.embed(input_ids)
         if self.cfg.flavour == "gemma":
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        if self.cfg.dropout and self.training:
+            x = F.dropout(x, self.cfg.dropout, training=True)
         rope = {base: rope_cos_sin(positions, self.cfg.head_dim, base)
                 for base in {self.cfg.rope_base_local, self.cfg.rope_base_global}}
         masks = self._masks(spec, cache, T, device)

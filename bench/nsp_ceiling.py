@@ -1,0 +1,104 @@
+"""How much next-sentence signal do TinyStories pairs carry for a bag of words? (issue 4's NSP goal)
+
+Builds the pairs `flashlm.data.batches.nsp_pairs` makes for training (the test's data: the first
+1,500 TinyStories stories, byte-level BPE of 512 tokens, 5% held out), and fits a logistic regression
+on lexical-overlap features alone: for several token-frequency cut-offs, the share of B's tokens rarer
+than the cut-off that also occur in A, plus both segment lengths. Its held-out accuracy is what the
+simplest real cue (shared names and objects) is worth, to set against the model's NSP accuracy.
+No neural network, a minute on one core. Results go to bench/results/nsp_ceiling.json.
+
+    .venv/bin/python bench/nsp_ceiling.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_train_head.txt"
+RESULTS = REPO / "bench" / "results" / "nsp_ceiling.json"
+CUTOFFS = (1e-3, 3e-3, 1e-2, 1.0)  # token frequency in the training split
+SEQ_LEN, DOCS, VOCAB = 128, 1500, 512
+
+
+def build(directory: Path):
+    from flashlm.data.shards import prepare_shards
+    from flashlm.evaluate.masked import open_split
+    from flashlm.tokenizer import Tokenizer
+
+    with open(STORIES, encoding="utf-8") as f:
+        docs = [line.strip() for line in itertools.islice(f, DOCS) if line.strip()]
+    tok = Tokenizer.train(iter(docs), vocab_size=VOCAB, show_progress=False)
+    tok.save(directory)
+    prepare_shards(iter(docs), tok, directory, val_fraction=0.05, workers=1, progress=False)
+    return tok, open_split(directory, tok, "train"), open_split(directory, tok, "val")
+
+
+def pairs(stream, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from flashlm.data.batches import nsp_pairs
+
+    batch = nsp_pairs(stream, SEQ_LEN, [np.random.default_rng([seed, i]) for i in range(n)])
+    return batch.input_ids.numpy(), batch.extras["nsp_labels"].numpy()
+
+
+def features(rows: np.ndarray, freq: np.ndarray, sep: int, first_ordinary: int) -> np.ndarray:
+    """Per pair: for each cut-off, the share of B's rarer tokens found in A (0.5 if B has none); lengths."""
+    out = []
+    for row in rows:
+        cut = int(np.flatnonzero(row == sep)[0])
+        a = set(row[1:cut].tolist())
+        b = [t for t in row[cut + 1:].tolist() if t >= first_ordinary]
+        shares = []
+        for limit in CUTOFFS:
+            rare = [t in a for t in b if freq[t] < limit]
+            shares.append(float(np.mean(rare)) if rare else 0.5)
+        out.append(shares + [len(a), len(b)])
+    return np.asarray(out, dtype=np.float64)
+
+
+def logistic_regression(x: np.ndarray, y: np.ndarray, steps: int = 3000, lr: float = 0.1) -> np.ndarray:
+    w = np.zeros(x.shape[1])
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-x @ w))
+        w -= lr * x.T @ (p - y) / len(y)
+    return w
+
+
+def main() -> None:
+    if not STORIES.is_file():
+        sys.exit(f"no TinyStories file at {STORIES}: this benchmark reads ../shared/data")
+    with tempfile.TemporaryDirectory(prefix="flashlm-nsp-ceiling-") as tmp:
+        tok, train, val = build(Path(tmp))
+        x, y = pairs(train, 4000, 0)
+        xv, yv = pairs(val, 2000, 1)
+        counts = np.bincount(np.asarray(train.tokens, dtype=np.int64), minlength=tok.vocab_size)
+    freq = counts / counts.sum()
+    sep, first_ordinary = tok.sep_id, max(tok.special_ids) + 1
+    f, fv = features(x, freq, sep, first_ordinary), features(xv, freq, sep, first_ordinary)
+    mean, std = f.mean(0), f.std(0) + 1e-9
+    design = lambda m: np.c_[(m - mean) / std, np.ones(len(m))]
+    w = logistic_regression(design(f), y)
+    accuracy = lambda m, labels: float(((design(m) @ w > 0) == labels).mean())
+    report = {
+        "benchmark": "nsp_ceiling",
+        "command": "python bench/nsp_ceiling.py",
+        "data": {"stories": DOCS, "vocab_size": VOCAB, "seq_len": SEQ_LEN, "train_pairs": len(y),
+                 "val_pairs": len(yv), "val_positive_share": float(yv.mean())},
+        "features": [f"share of B tokens with frequency < {c:g} found in A" for c in CUTOFFS]
+        + ["tokens in A (distinct)", "tokens in B"],
+        "train_accuracy": accuracy(f, y),
+        "heldout_accuracy": accuracy(fv, yv),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: report[k] for k in ("train_accuracy", "heldout_accuracy")}))
+
+
+if __name__ == "__main__":
+    main()
