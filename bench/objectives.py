@@ -266,6 +266,8 @@ def main() -> None:
     parser.add_argument("--speed-steps", type=int, default=40, help="steps of the sequential speed pass")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
     parser.add_argument("--speed-only", action="store_true", help="redo the speed pass into the existing JSON")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where a full run writes its JSON (another "
+                        "path than the default leaves docs/benchmarks.md alone: for side studies)")
     parser.add_argument("--add", action="store_true", help="train --variants with the JSON's settings and merge "
                         "them into it (a rerun variant must reproduce its stored figures)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -320,11 +322,12 @@ def main() -> None:
         "runs": runs,
         "checks": checks(runs),
     }
-    if RESULTS.exists():  # keep hand-written commentary across reruns
-        report["commentary"] = json.loads(RESULTS.read_text(encoding="utf-8")).get("commentary", [])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    write_markdown(report)
+    if args.results.exists():  # keep hand-written commentary across reruns
+        report["commentary"] = json.loads(args.results.read_text(encoding="utf-8")).get("commentary", [])
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.results.resolve() == RESULTS.resolve():
+        write_markdown(report)
     print(json.dumps(report["checks"], indent=2))
 
 
