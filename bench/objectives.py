@@ -10,11 +10,11 @@ threads each. Results go to bench/results/objectives.json and a section of docs/
 
     nice .venv/bin/python bench/objectives.py                 # ~15 minutes on 2 idle cores
     nice .venv/bin/python bench/objectives.py --steps 100 --variants causal hybrid   # quicker look
-    nice .venv/bin/python bench/objectives.py --steps 500 --add causal hybrid_3to1_mlm   # into the JSON
+    nice .venv/bin/python bench/objectives.py --add --jobs 3 --variants causal hybrid_4to1_mlm   # into the JSON
 
-With ``--add``, the variants train with the settings of the existing JSON and replace or join its
-runs; a variant already there that comes out different (causal is a cheap check) stops the merge,
-since runs must be bit-for-bit reproducible to share a table.
+With ``--add``, the variants train with the settings of the existing JSON and join its runs. A variant
+already there is a check: it must reproduce its stored figures bit for bit (causal is a cheap one), or
+the merge stops, since the runs of one table must come from the same code and settings.
 """
 
 from __future__ import annotations
