@@ -286,14 +286,9 @@ def main() -> None:
             report["runs"][name]["isolated_tokens_per_s"] = speed
         report["settings"]["speed_steps"] = args.speed_steps
         report["speed_loadavg"] = [round(x, 2) for x in os.getloadavg()]
-        report["checks"] = checks(report["runs"])
-        RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        return write_markdown(report)
+        return save_report(report)
     if args.report_only:
-        report = json.loads(RESULTS.read_text(encoding="utf-8"))
-        report["checks"] = checks(report["runs"])
-        RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        return write_markdown(report)
+        return save_report(json.loads(RESULTS.read_text(encoding="utf-8")))
     if args.add:
         return add_variants(list(args.variants), args.jobs)
     settings = {"steps": args.steps, "speed_steps": args.speed_steps, "batch_size": args.batch_size,
@@ -360,10 +355,15 @@ def add_variants(names: list[str], jobs: int) -> None:
              "wall_seconds": round(time.perf_counter() - began, 1),
              "command": "nice python bench/objectives.py " + " ".join(sys.argv[1:])}
     report["added"] = report.get("added", []) + [added]
+    save_report(report)
+    print(json.dumps(report["checks"], indent=2))
+
+
+def save_report(report: dict) -> None:
+    """Recompute the goal checks, write bench/results/objectives.json and the docs section."""
     report["checks"] = checks(report["runs"])
     RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     write_markdown(report)
-    print(json.dumps(report["checks"], indent=2))
 
 
 if __name__ == "__main__":

@@ -318,7 +318,6 @@ def evaluate(
     return score(predict(model, tokenizer, sources, batch_size, max_new_tokens), questions)
 
 
-
 # ---- the task -----------------------------------------------------------------------------------
 def train_model(
     train: Sequence[Question], cfg: BabiConfig, model: FlashLM | None = None, tokenizer: Any = None

@@ -35,6 +35,11 @@ class LMOutput:
     attentions: list[torch.Tensor] | None = None  # per layer [B, H, Tq, Tk]
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout` when it would act; otherwise `x` itself (no op, no RNG draw, on the inference path)."""
+    return F.dropout(x, p, training=True) if p and training else x
+
+
 class Block(nn.Module):
     """Gemma: x + post_norm(attn(norm(x))), then the same around the MLP. Llama: no post-norms."""
 
@@ -53,14 +58,11 @@ class Block(nn.Module):
         h, weights = self.attn(self.attn_norm(x), cos, sin, mask, cache, return_weights)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + self._drop(h)
+        x = x + dropout(h, self.dropout, self.training)
         h = self.mlp(self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + self._drop(h), weights
-
-    def _drop(self, h: torch.Tensor) -> torch.Tensor:
-        return F.dropout(h, self.dropout, training=True) if self.dropout and self.training else h
+        return x + dropout(h, self.dropout, self.training), weights
 
 
 def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -140,8 +142,7 @@ class FlashLM(nn.Module):
         x = self.embed(input_ids)
         if self.cfg.flavour == "gemma":
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
-        if self.cfg.dropout and self.training:
-            x = F.dropout(x, self.cfg.dropout, training=True)
+        x = dropout(x, self.cfg.dropout, self.training)
         rope = {base: rope_cos_sin(positions, self.cfg.head_dim, base)
                 for base in {self.cfg.rope_base_local, self.cfg.rope_base_global}}
         masks = self._masks(spec, cache, T, device)
