@@ -48,11 +48,14 @@ VARIANTS = {
     "hybrid_3to1": {"objectives": {"clm": {"ratio": 3}, "mlm": {"ratio": 1, "nsp_weight": 0.5}}},
     "hybrid_3to1_mlm": {"objectives": {"clm": {"ratio": 3}, "mlm": {"ratio": 1}}},
     "hybrid_4to1_mlm": {"objectives": {"clm": {"ratio": 4}, "mlm": {"ratio": 1}}},
+    "hybrid_5to1_mlm": {"objectives": {"clm": {"ratio": 5}, "mlm": {"ratio": 1}}},
+    "hybrid_6to1_mlm": {"objectives": {"clm": {"ratio": 6}, "mlm": {"ratio": 1}}},
     "mlm_only": {"objectives": {"mlm": {"ratio": 1}}},
 }
 TITLES = {"causal": "causal only", "mlm_nsp": "MLM + NSP only", "hybrid": "hybrid 1 causal : 3 MLM+NSP",
           "hybrid_1to1": "hybrid 1 causal : 1 MLM+NSP", "hybrid_3to1": "hybrid 3 causal : 1 MLM+NSP",
           "hybrid_3to1_mlm": "hybrid 3 causal : 1 MLM (no NSP)", "hybrid_4to1_mlm": "hybrid 4 causal : 1 MLM (no NSP)",
+          "hybrid_5to1_mlm": "hybrid 5 causal : 1 MLM (no NSP)", "hybrid_6to1_mlm": "hybrid 6 causal : 1 MLM (no NSP)",
           "mlm_only": "MLM only (no NSP)"}
 
 

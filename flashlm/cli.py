@@ -421,6 +421,9 @@ def eval_babi(
     per_task: Annotated[bool, typer.Option(help="One model per task instead of one joint model.")] = False,
     jobs: Annotated[int, typer.Option(min=1, help="With --per-task: tasks trained side by side, one process each "
                                       "(threads are shared out; 2 on 2 cores).")] = 1,
+    groups: Annotated[str, typer.Option(
+        "--groups", help="With --per-task: tasks that share one model, e.g. '2,3' (the default) or '2,3;7,8'; "
+                         "'none' for a model per task.")] = "2,3",
     max_sentences: Annotated[int, typer.Option(help="Story statements kept before each question.")] = 50,
     augment: Annotated[bool, typer.Option(help="Rename people, places and objects at random at every step.")] = True,
     supporting_facts: Annotated[bool, typer.Option(
@@ -445,7 +448,7 @@ def eval_babi(
     """Fine-tune on the bAbI 1k training sets (prefix LM) and report exact-match accuracy per task."""
     import dataclasses
 
-    from flashlm.evaluate.babi import BabiConfig, find_data, run_babi, task_file
+    from flashlm.evaluate.babi import BabiConfig, find_data, parse_groups, run_babi, task_file
     from flashlm.evaluate.report import write_result
 
     if jobs > 1 and not per_task:
@@ -453,7 +456,8 @@ def eval_babi(
 
         raise ConfigError(f"--jobs {jobs}: one joint model trains in one process; add --per-task or drop --jobs")
     numbers = tuple(range(1, 21)) if tasks == "1-20" else tuple(int(t) for t in tasks.split(",") if t.strip())
-    cfg = BabiConfig(tasks=numbers, per_task=per_task, max_sentences=max_sentences, augment=augment,
+    shared = parse_groups(groups)
+    cfg = BabiConfig(tasks=numbers, per_task=per_task, groups=shared, max_sentences=max_sentences, augment=augment,
                      supporting_facts=supporting_facts, train_limit=train_limit, test_limit=test_limit,
                      jobs=jobs, threads=threads)
     (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
@@ -461,7 +465,8 @@ def eval_babi(
     cfg = dataclasses.replace(cfg, finetune=ft)
     directory = find_data(data)
     results = run_babi(directory, cfg, net, tok, save)
-    settings = {"tasks": list(numbers), "per_task": per_task, "jobs": jobs, "max_sentences": max_sentences,
+    settings = {"tasks": list(numbers), "per_task": per_task, "groups": [list(g) for g in shared], "jobs": jobs,
+                "max_sentences": max_sentences,
                 "augment": augment, "supporting_facts": supporting_facts,
                 "minutes": minutes, "clock": clock, "precision": precision,
                 "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flashlm.config import ModelConfig
-from flashlm.errors import DataError
+from flashlm.errors import ConfigError, DataError
 from flashlm.evaluate import babi, squad
 from flashlm.evaluate.babi import BabiConfig, Question, parse_babi, read_task, run_babi, score, source_text
 from flashlm.evaluate.squad import (
@@ -162,7 +162,35 @@ def test_augmenting_collate_is_seeded_and_renames(tmp_path):
     assert not torch.equal(batches[0].input_ids, batches[2].input_ids)
     plain = collate_prefix(babi.build_examples(tok, questions[:32], 50, 256))
     assert not torch.equal(batches[0].input_ids, plain.input_ids)
-    assert torch.equal(batches[0].prefix_len, plain.prefix_len)  # names swap one token for one
+    assert len(batches[0].prefix_len) == len(plain.prefix_len)  # lengths change: "went" may become "went back"
+
+
+def test_reword_swaps_synonymous_verbs_statement_by_statement():
+    q = Question(2, ("Mary went back to the kitchen.", "John put down the apple there.",
+                     "The box is to the left of the cat.", "Fred left the milk.", "Jeff gave the milk to Bill."),
+                 "Where is the milk?", "kitchen", (1, 3))
+    rng = np.random.default_rng(0)
+    seen: list[set[str]] = [set() for _ in q.story]
+    for _ in range(200):
+        r = babi.reword(q, rng)
+        assert (r.question, r.answer, r.supporting) == (q.question, q.answer, q.supporting)
+        assert r.story[2] == q.story[2]  # "to the left of" is a place, not a verb
+        for seen_here, statement in zip(seen, r.story, strict=True):
+            seen_here.add(statement)
+    assert seen[0] == {f"Mary {v} to the kitchen." for v in babi.VERB_SYNONYMS[0]}
+    assert seen[1] == {f"John {v} the apple there." for v in babi.VERB_SYNONYMS[2]}
+    assert seen[4] == {f"Jeff {v} the milk to Bill." for v in babi.VERB_SYNONYMS[3]}
+
+
+def test_task_groups_and_their_parsing():
+    assert babi.task_groups((1, 2, 3, 4), ((2, 3),)) == [[1], [2, 3], [4]]
+    assert babi.task_groups((3, 5), ((2, 3),)) == [[3], [5]]  # a group keeps the tasks asked for
+    assert babi.task_groups((1, 2), ()) == [[1], [2]]
+    assert babi.parse_groups("2,3;7,8") == ((2, 3), (7, 8))
+    assert babi.parse_groups("none") == ()
+    for bad in ("2,x", "2,3;3,4", "0,21"):
+        with pytest.raises(ConfigError, match="--groups"):
+            babi.parse_groups(bad)
 
 
 def test_real_babi_files_parse_to_1000_questions_per_task():
@@ -196,6 +224,8 @@ def test_next_budget_shares_unclaimed_worker_time():
     assert babi.next_budget(0.0, 2, [10.0], 1) == 1.0
     # start-up and scoring of the unfinished tasks (here 5 s each, 3 of them) are set aside first
     assert babi.next_budget(100.0, 2, [30.0], 2, overhead=5.0) == pytest.approx(77.5)
+    # a model of 2 tasks (next) with one of 1 task waiting after it: 2/3 of the 170 s
+    assert babi.next_budget(100.0, 2, [30.0], [2, 1]) == pytest.approx(170.0 * 2 / 3)
 
 
 def test_babi_cli_refuses_jobs_without_per_task(tmp_path):

@@ -15,7 +15,10 @@ test time the model writes its own chain and only the answer after the ``=`` is 
 
 With ``augment`` (the default), every training batch renames the people, places, objects, animals,
 colours and shapes of its stories: one random permutation of each entity class, applied to story,
-question and answer alike.
+question and answer alike, and rewords each statement with a random one of bAbI's synonymous verbs
+("went", "moved", "journeyed", ...; "got", "took", ...). Renaming alone leaves each story's sequence of
+verbs and phrasings as a fingerprint the model memorises (qa14: 89% on the training questions, 65% on
+test); with rewording the two agree and the time goes into the rule.
 The renamed question is as correct as the original (bAbI states every fact it asks about), so a
 1k training set yields a fresh story at every step and the model cannot memorise who went where;
 task 20 keeps its places and objects, whose meaning it asks about (hungry → kitchen).
@@ -35,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from flashlm.config import ModelConfig
-from flashlm.errors import DataError
+from flashlm.errors import ConfigError, DataError
 from flashlm.model.transformer import FlashLM
 from flashlm.train.finetune import (
     Example,
@@ -86,6 +89,18 @@ ENTITY_CLASSES = (WOMEN, MEN, PLACES, OBJECTS, ANIMALS, COLORS, SHAPES)
 # Plural forms in the stories ("cats are afraid of wolves"): renamed with their singular, to the new
 # name's plural, or to the new name itself where it has none (as "sheep" serves for both).
 PLURALS = {"cat": "cats", "mouse": "mice", "wolf": "wolves"}
+# Verbs the bAbI generator picks among at random: any one of a class says the same.
+VERB_SYNONYMS = (
+    ("went", "went back", "moved", "journeyed", "travelled"),
+    ("picked up", "got", "took", "grabbed"),
+    ("dropped", "discarded", "put down", "left"),
+    ("passed", "handed", "gave"),
+)
+_VERB_CLASS = {verb: names for names in VERB_SYNONYMS for verb in names}
+_VERB = re.compile(r"\b(" + "|".join(sorted(_VERB_CLASS, key=len, reverse=True)) + r")\b(?! of)", re.IGNORECASE)
+# With per_task: tasks that share one model, trained on their union with their time pooled. qa2 and
+# qa3 track the same people and objects: 10 min on both gave 81.8% / 63.3%, against 63% / 43% alone.
+TASK_GROUPS = ((2, 3),)
 KEEP_PLACES_AND_OBJECTS = frozenset({20})  # qa20 asks why someone went somewhere / took something
 ANSWER_MARK = "="  # with supporting facts: the answer follows it
 
@@ -107,6 +122,7 @@ class BabiConfig:
 
     tasks: Sequence[int] = TASKS
     per_task: bool = False  # one model per task instead of one joint model
+    groups: Sequence[Sequence[int]] = TASK_GROUPS  # with per_task: tasks that share a model
     max_sentences: int = 50
     vocab_size: int = 1024
     model: ModelConfig | str = field(default_factory=lambda: DEFAULT_MODEL)
@@ -265,16 +281,29 @@ def rename(q: Question, renaming: dict[str, str]) -> Question:
     return Question(q.task, tuple(sub(s) for s in q.story), sub(q.question), sub(q.answer), q.supporting)
 
 
+def reword(q: Question, rng: np.random.Generator) -> Question:
+    """`q` with every verb of `VERB_SYNONYMS` in its story replaced by a random synonym, each on its own
+    (a supporting statement in the target is copied from the story, so it matches)."""
+
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        names = _VERB_CLASS[word.lower()]
+        new = names[int(rng.integers(len(names)))]
+        return new.capitalize() if word[0].isupper() else new
+
+    return Question(q.task, tuple(_VERB.sub(swap, s) for s in q.story), q.question, q.answer, q.supporting)
+
+
 def augmenting_collate(
     tokenizer: Any, questions: Sequence[Question], max_sentences: int, max_len: int, seed: int, facts: bool = False
 ):
     """A `fit` collate over `questions`: renames each one's entities at random (within its task's
-    cast), frames it and pads the batch. One generator seeded by `seed`: a run is reproducible."""
+    cast), rewords its verbs, frames it and pads the batch. One generator seeded by `seed`: a run is reproducible."""
     rng = np.random.default_rng([seed, zlib.crc32(b"babi-augment")])
     cast = task_entities(questions)
 
     def collate(batch: Sequence[Question]) -> Any:
-        renamed = [rename(q, entity_renaming(rng, cast[q.task])) for q in batch]
+        renamed = [reword(rename(q, entity_renaming(rng, cast[q.task])), rng) for q in batch]
         examples = build_examples(tokenizer, renamed, max_sentences, max_len, facts)
         return collate_prefix(examples, tokenizer.pad_id or 0)
 
@@ -353,12 +382,14 @@ def run_babi(
     `next_budget`). ``save_dir`` keeps the fine-tuned model and tokenizer (per task: ``qaN`` each).
     """
     began = time.perf_counter()
-    groups = [[t] for t in cfg.tasks] if cfg.per_task else [list(cfg.tasks)]
+    groups = task_groups(cfg.tasks, cfg.groups) if cfg.per_task else [list(cfg.tasks)]
     work = [(data_dir, cfg, g, model, tokenizer, _save_path(save_dir, g, cfg.per_task)) for g in groups]
     if cfg.per_task and cfg.jobs > 1 and len(groups) > 1:
         outcomes = _run_parallel(work, cfg)
     else:
-        outcomes = [train_and_score(*w, minutes=_share(cfg.finetune.max_minutes, len(groups))) for w in work]
+        minutes = cfg.finetune.max_minutes
+        outcomes = [train_and_score(*w, minutes=minutes * len(w[2]) / len(cfg.tasks) if minutes else None)
+                    for w in work]
     accuracy = {t: a for o in outcomes for t, a in o["accuracy"].items()}
     runs = [o["run"] for o in outcomes]
     return _results(accuracy, runs, outcomes[-1], time.perf_counter() - began)
@@ -396,16 +427,46 @@ def train_and_score(
             "parameters": net.num_parameters(), "model_config": net.cfg.to_dict()}
 
 
+def task_groups(tasks: Sequence[int], groups: Sequence[Sequence[int]]) -> list[list[int]]:
+    """`tasks` split into the models that train them: each of `groups` (its members among `tasks`) at
+    its first member's place, every other task alone."""
+    out, placed = [], set()
+    for task in tasks:
+        if task in placed:
+            continue
+        group = next(([t for t in g if t in tasks] for g in groups if task in g), [task])
+        placed.update(group)
+        out.append(group)
+    return out
+
+
+def parse_groups(text: str) -> tuple[tuple[int, ...], ...]:
+    """``"2,3;7,8"`` → ((2, 3), (7, 8)); ``"none"`` or "" → (). Tasks must be 1-20, each in one group."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        groups = tuple(tuple(int(t) for t in g.split(",") if t.strip()) for g in text.split(";") if g.strip())
+    except ValueError:
+        raise ConfigError(f"--groups {text!r}: expected task numbers like '2,3' or '2,3;7,8' (or 'none')") from None
+    members = [t for g in groups for t in g]
+    if any(t not in TASKS for t in members) or len(set(members)) != len(members):
+        raise ConfigError(f"--groups {text!r}: tasks must be 1-20 and each in at most one group")
+    return groups
+
+
 def next_budget(
-    seconds_left: float, jobs: int, running_left: Sequence[float], waiting: int, overhead: float = 0.0
+    seconds_left: float, jobs: int, running_left: Sequence[float], waiting: Sequence[int] | int,
+    overhead: float = 0.0
 ) -> float:
-    """Training seconds for the next task to start: the workers' time still unclaimed, less each
-    unfinished task's ``overhead`` (start-up, tokenizer, scoring), shared by the ``waiting`` tasks.
-    ``running_left`` holds what the running tasks may still train; a task that ends early (its loss
-    converged) thereby hands its rest to those after it."""
+    """Training seconds for the next model to start: the workers' time still unclaimed, less each
+    unfinished model's ``overhead`` (start-up, tokenizer, scoring), shared by the ``waiting`` models in
+    proportion to their tasks (``waiting``: tasks per model, the next one first; an int n: n models of
+    one task). ``running_left`` holds what the running models may still train; one that ends early (its
+    loss converged) thereby hands its rest to those after it."""
+    sizes = [1] * waiting if isinstance(waiting, int) else list(waiting)
     free = seconds_left * jobs - sum(max(r, 0.0) for r in running_left)
-    free -= overhead * (waiting + len(running_left))
-    return max(free / max(waiting, 1), 1.0)
+    free -= overhead * (len(sizes) + len(running_left))
+    return max(free * (sizes[0] if sizes else 1) / max(sum(sizes), 1), 1.0)
 
 
 def _run_parallel(work: list[tuple], cfg: BabiConfig) -> list[dict[str, Any]]:
@@ -429,7 +490,8 @@ def _run_parallel(work: list[tuple], cfg: BabiConfig) -> list[dict[str, Any]]:
                 if deadline is not None:
                     left = [b - (now - s) for _, s, b in running.values()]
                     overhead = sum(overheads) / len(overheads) if overheads else 0.0
-                    budget = next_budget(deadline - now, jobs, left, len(queue) + 1, overhead)
+                    sizes = [len(work[i][2]) for i in (index, *queue)]
+                    budget = next_budget(deadline - now, jobs, left, sizes, overhead)
                 future = pool.submit(train_and_score, *work[index], budget / 60 if budget else None, threads)
                 running[future] = (index, now, budget or 0.0)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -438,10 +500,6 @@ def _run_parallel(work: list[tuple], cfg: BabiConfig) -> list[dict[str, Any]]:
                 outcomes[index] = future.result()
                 overheads.append(time.perf_counter() - started - outcomes[index]["run"]["seconds"])
     return [outcomes[i] for i in range(len(work))]
-
-
-def _share(minutes: float | None, parts: int) -> float | None:
-    return minutes / parts if minutes else None
 
 
 def _save_path(save_dir: str | os.PathLike | None, group: Sequence[int], per_task: bool) -> Path | None:
@@ -501,14 +559,17 @@ __all__ = [
     "find_data",
     "markdown",
     "parse_babi",
+    "parse_groups",
     "predict",
     "read_task",
     "rename",
+    "reword",
     "run_babi",
     "score",
     "source_text",
     "task_entities",
     "task_file",
+    "task_groups",
     "target_text",
     "train_model",
 ]
