@@ -1,10 +1,16 @@
-"""How much next-sentence signal do TinyStories pairs carry for a bag of words? (issue 4's NSP goal)
+"""How much next-sentence signal do TinyStories pairs carry for simple statistics? (issue 4's NSP goal)
 
 Builds the pairs `flashlm.data.batches.nsp_pairs` makes for training (the test's data: the first
-1,500 TinyStories stories, byte-level BPE of 512 tokens, 5% held out), and fits a logistic regression
-on lexical-overlap features alone: for several token-frequency cut-offs, the share of B's tokens rarer
-than the cut-off that also occur in A, plus both segment lengths. Its held-out accuracy is what the
-simplest real cue (shared names and objects) is worth, to set against the model's NSP accuracy.
+1,500 TinyStories stories, byte-level BPE of 512 tokens, 5% held out), and fits logistic regressions
+on two kinds of features:
+
+- lexical overlap: for several token-frequency cut-offs, the share of B's tokens rarer than the
+  cut-off that also occur in A, plus both segment lengths (shared names and objects);
+- the junction: how well A's last token predicts B's first under the training split's bigram counts
+  (log-probability and pointwise mutual information; a pair is cut at a random token, so a true B
+  often finishes A's word or sentence).
+
+Their held-out accuracies are what each cue is worth, to set against the model's NSP accuracy.
 No neural network, a minute on one core. Results go to bench/results/nsp_ceiling.json.
 
     .venv/bin/python bench/nsp_ceiling.py
@@ -62,6 +68,26 @@ def features(rows: np.ndarray, freq: np.ndarray, sep: int, first_ordinary: int) 
     return np.asarray(out, dtype=np.float64)
 
 
+def junction(rows: np.ndarray, bigrams: np.ndarray, freq: np.ndarray, sep: int) -> np.ndarray:
+    """Per pair: log P(B's first token | A's last) (add-0.1 bigram counts) and its PMI."""
+    out = []
+    for row in rows:
+        cut = int(np.flatnonzero(row == sep)[0])
+        last, first = row[cut - 1], row[cut + 1]
+        logp = np.log((bigrams[last, first] + 0.1) / (bigrams[last].sum() + 0.1 * len(freq)))
+        out.append([logp, logp - np.log(freq[first] + 1e-9)])
+    return np.asarray(out, dtype=np.float64)
+
+
+def fit_and_score(f: np.ndarray, y: np.ndarray, fv: np.ndarray, yv: np.ndarray) -> dict[str, float]:
+    """Train and held-out accuracy of a logistic regression on standardised features."""
+    mean, std = f.mean(0), f.std(0) + 1e-9
+    design = lambda m: np.c_[(m - mean) / std, np.ones(len(m))]
+    w = logistic_regression(design(f), y)
+    accuracy = lambda m, labels: float(((design(m) @ w > 0) == labels).mean())
+    return {"train_accuracy": accuracy(f, y), "heldout_accuracy": accuracy(fv, yv)}
+
+
 def logistic_regression(x: np.ndarray, y: np.ndarray, steps: int = 3000, lr: float = 0.1) -> np.ndarray:
     w = np.zeros(x.shape[1])
     for _ in range(steps):
@@ -77,14 +103,15 @@ def main() -> None:
         tok, train, val = build(Path(tmp))
         x, y = pairs(train, 4000, 0)
         xv, yv = pairs(val, 2000, 1)
-        counts = np.bincount(np.asarray(train.tokens, dtype=np.int64), minlength=tok.vocab_size)
+        ids = np.asarray(train.tokens, dtype=np.int64)
+    counts = np.bincount(ids, minlength=tok.vocab_size)
     freq = counts / counts.sum()
+    bigrams = np.zeros((tok.vocab_size, tok.vocab_size))
+    np.add.at(bigrams, (ids[:-1], ids[1:]), 1)
     sep, first_ordinary = tok.sep_id, max(tok.special_ids) + 1
     f, fv = features(x, freq, sep, first_ordinary), features(xv, freq, sep, first_ordinary)
-    mean, std = f.mean(0), f.std(0) + 1e-9
-    design = lambda m: np.c_[(m - mean) / std, np.ones(len(m))]
-    w = logistic_regression(design(f), y)
-    accuracy = lambda m, labels: float(((design(m) @ w > 0) == labels).mean())
+    j, jv = junction(x, bigrams, freq, sep), junction(xv, bigrams, freq, sep)
+    overlap = fit_and_score(f, y, fv, yv)
     report = {
         "benchmark": "nsp_ceiling",
         "command": "python bench/nsp_ceiling.py",
@@ -92,12 +119,15 @@ def main() -> None:
                  "val_pairs": len(yv), "val_positive_share": float(yv.mean())},
         "features": [f"share of B tokens with frequency < {c:g} found in A" for c in CUTOFFS]
         + ["tokens in A (distinct)", "tokens in B"],
-        "train_accuracy": accuracy(f, y),
-        "heldout_accuracy": accuracy(fv, yv),
+        **overlap,
+        "junction_features": ["log P(first token of B | last token of A), bigram counts of the training split",
+                              "its pointwise mutual information"],
+        "junction": fit_and_score(j, y, jv, yv),
+        "overlap_and_junction": fit_and_score(np.c_[f, j], y, np.c_[fv, jv], yv),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: report[k] for k in ("train_accuracy", "heldout_accuracy")}))
+    print(json.dumps({k: report[k] for k in ("heldout_accuracy", "junction", "overlap_and_junction")}))
 
 
 if __name__ == "__main__":
