@@ -53,11 +53,16 @@ def pairs(stream, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return batch.input_ids.numpy(), batch.extras["nsp_labels"].numpy()
 
 
+def sep_index(row: np.ndarray, sep: int) -> int:
+    """Position of the pair's `<sep>`."""
+    return int(np.flatnonzero(row == sep)[0])
+
+
 def features(rows: np.ndarray, freq: np.ndarray, sep: int, first_ordinary: int) -> np.ndarray:
     """Per pair: for each cut-off, the share of B's rarer tokens found in A (0.5 if B has none); lengths."""
     out = []
     for row in rows:
-        cut = int(np.flatnonzero(row == sep)[0])
+        cut = sep_index(row, sep)
         a = set(row[1:cut].tolist())
         b = [t for t in row[cut + 1:].tolist() if t >= first_ordinary]
         shares = []
@@ -72,7 +77,7 @@ def junction(rows: np.ndarray, bigrams: np.ndarray, freq: np.ndarray, sep: int) 
     """Per pair: log P(B's first token | A's last) (add-0.1 bigram counts) and its PMI."""
     out = []
     for row in rows:
-        cut = int(np.flatnonzero(row == sep)[0])
+        cut = sep_index(row, sep)
         last, first = row[cut - 1], row[cut + 1]
         logp = np.log((bigrams[last, first] + 0.1) / (bigrams[last].sum() + 0.1 * len(freq)))
         out.append([logp, logp - np.log(freq[first] + 1e-9)])

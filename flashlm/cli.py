@@ -425,7 +425,8 @@ def eval_babi(
         "--groups", help="With --per-task: tasks that share one model, e.g. '2,3' (the default) or '2,3;7,8'; "
                          "'none' for a model per task.")] = "2,3",
     max_sentences: Annotated[int, typer.Option(help="Story statements kept before each question.")] = 50,
-    augment: Annotated[bool, typer.Option(help="Rename people, places and objects at random at every step.")] = True,
+    augment: Annotated[bool, typer.Option(
+        help="Rename people, places and objects and reword verbs at random at every step.")] = True,
     supporting_facts: Annotated[bool, typer.Option(
         "--supporting-facts/--answer-only",
         help="Train the model to write the supporting statements bAbI marks, then '= answer' (strong "

@@ -97,6 +97,7 @@ VERB_SYNONYMS = (
     ("passed", "handed", "gave"),
 )
 _VERB_CLASS = {verb: names for names in VERB_SYNONYMS for verb in names}
+# Longest first, so "went back" wins over "went"; "left of" (qa17, qa19) is a place, not a verb.
 _VERB = re.compile(r"\b(" + "|".join(sorted(_VERB_CLASS, key=len, reverse=True)) + r")\b(?! of)", re.IGNORECASE)
 # With per_task: tasks that share one model, trained on their union with their time pooled. qa2 and
 # qa3 track the same people and objects: 10 min on both gave 81.8% / 63.3%, against 63% / 43% alone.
@@ -388,8 +389,8 @@ def run_babi(
         outcomes = _run_parallel(work, cfg)
     else:
         minutes = cfg.finetune.max_minutes
-        outcomes = [train_and_score(*w, minutes=minutes * len(w[2]) / len(cfg.tasks) if minutes else None)
-                    for w in work]
+        outcomes = [train_and_score(*w, minutes=minutes * len(g) / len(cfg.tasks) if minutes else None)
+                    for w, g in zip(work, groups, strict=True)]
     accuracy = {t: a for o in outcomes for t, a in o["accuracy"].items()}
     runs = [o["run"] for o in outcomes]
     return _results(accuracy, runs, outcomes[-1], time.perf_counter() - began)
@@ -455,18 +456,16 @@ def parse_groups(text: str) -> tuple[tuple[int, ...], ...]:
 
 
 def next_budget(
-    seconds_left: float, jobs: int, running_left: Sequence[float], waiting: Sequence[int] | int,
-    overhead: float = 0.0
+    seconds_left: float, jobs: int, running_left: Sequence[float], waiting: Sequence[int], overhead: float = 0.0
 ) -> float:
     """Training seconds for the next model to start: the workers' time still unclaimed, less each
     unfinished model's ``overhead`` (start-up, tokenizer, scoring), shared by the ``waiting`` models in
-    proportion to their tasks (``waiting``: tasks per model, the next one first; an int n: n models of
-    one task). ``running_left`` holds what the running models may still train; one that ends early (its
-    loss converged) thereby hands its rest to those after it."""
-    sizes = [1] * waiting if isinstance(waiting, int) else list(waiting)
+    proportion to their tasks (``waiting``: tasks per model, the next one first). ``running_left``
+    holds what the running models may still train; one that ends early (its loss converged) thereby
+    hands its rest to those after it."""
     free = seconds_left * jobs - sum(max(r, 0.0) for r in running_left)
-    free -= overhead * (len(sizes) + len(running_left))
-    return max(free * (sizes[0] if sizes else 1) / max(sum(sizes), 1), 1.0)
+    free -= overhead * (len(waiting) + len(running_left))
+    return max(free * (waiting[0] if waiting else 1) / max(sum(waiting), 1), 1.0)
 
 
 def _run_parallel(work: list[tuple], cfg: BabiConfig) -> list[dict[str, Any]]:
