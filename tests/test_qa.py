@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -180,6 +181,30 @@ def test_reword_swaps_synonymous_verbs_statement_by_statement():
     assert seen[0] == {f"Mary {v} to the kitchen." for v in babi.VERB_SYNONYMS[0]}
     assert seen[1] == {f"John {v} the apple there." for v in babi.VERB_SYNONYMS[2]}
     assert seen[4] == {f"Jeff {v} the milk to Bill." for v in babi.VERB_SYNONYMS[3]}
+
+
+def test_path_finding_chain_walks_the_route_and_turned_maps_stay_consistent():
+    """qa19: the chain restates each supporting fact along the route, so its directions are the answer,
+    on every training question as given and under random quarter-turns, mirrors and converses."""
+    walk = re.compile(r"^from the (\w+) the (\w+) is (north|east|south|west)\.$")
+    q = Question(19, ("The kitchen is north of the office.", "The office is west of the garden."),
+                 "How do you go from the kitchen to the garden?", "s,e", (0, 1))
+    assert babi.target_text(q, 50, facts=True) == (
+        " from the kitchen the office is south. from the office the garden is east. = s,e")
+    rng = np.random.default_rng(0)
+    answers = set()
+    for q in read_task(BABI, 19, "train"):
+        for turned in (q, babi.turn_map(q, rng)):
+            chain = babi.travel_chain(19, [turned.story[i] for i in turned.supporting], turned.question)
+            hops = [walk.match(text).groups() for text in chain]
+            route = re.search(r"from the (\w+) to the (\w+)", turned.question).groups()
+            assert hops[0][0] == route[0] and hops[-1][1] == route[1]
+            assert all(a[1] == b[0] for a, b in zip(hops, hops[1:], strict=False))
+            assert ",".join(h[2][0] for h in hops) == turned.answer
+            if turned is not q:
+                answers.add((q.answer, turned.answer))
+    assert len({new for old, new in answers if old == "s,e"}) == 8  # all four turns, mirrored or not
+    assert babi.travel_chain(19, ["Mary went to the office."], q.question) == ["Mary went to the office."]
 
 
 def test_task_groups_and_their_parsing():
