@@ -426,7 +426,7 @@ def eval_babi(
                          "'none' for a model per task.")] = "2,3",
     max_sentences: Annotated[int, typer.Option(help="Story statements kept before each question.")] = 50,
     augment: Annotated[bool, typer.Option(
-        help="Rename people, places and objects and reword verbs at random at every step.")] = True,
+        help="Rename entities, reword verbs (and turn qa19's compass) at random at every step.")] = True,
     supporting_facts: Annotated[bool, typer.Option(
         "--supporting-facts/--answer-only",
         help="Train the model to write the supporting statements bAbI marks, then '= answer' (strong "
