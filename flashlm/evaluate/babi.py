@@ -328,7 +328,7 @@ def travel_chain(task: int, statements: Sequence[str], question: str) -> list[st
     """qa19's supporting statements as a walk from where the route starts, each restated (as its
     converse where needed) as "from the HERE the NEXT is DIRECTION.", so the answer is the directions
     in order. Both places sit just before the direction: the model writes it with both in view (5 min
-    on qa19: 33% test, against 9.5% copying the statements and 10.9% with "the NEXT is R of the HERE").
+    on qa19, ~2,400 steps: 33-35% test, against 9.5% copying the statements, 10.9% as "the NEXT is R of the HERE").
     Statements that do not form such a walk are left as they are."""
     route = _ROUTE.search(question)
     here = route.group(1).lower() if route else None
