@@ -106,14 +106,14 @@ _VERB = re.compile(r"\b(" + "|".join(sorted(_VERB_CLASS, key=len, reverse=True))
 TASK_GROUPS = ((2, 3),)
 KEEP_PLACES_AND_OBJECTS = frozenset({20})  # qa20 asks why someone went somewhere / took something
 ANSWER_MARK = "="  # with supporting facts: the answer follows it
-# Spatial tasks state "the A is R the B" over four relations, listed clockwise: a quarter-turn or
-# mirror of all of them keeps a story consistent. qa19 asks "How do you go from the X to the Y?"
-# ("s,e": the first letters of the directions walked). qa17 (above / to the right of / below / to
-# the left of, yes-no questions) took the same treatment in an experiment and gained nothing from it
-# (5 min: 58.6-59.8% against 61-64%), so it is left out.
-SPATIAL = {19: ("north of", "east of", "south of", "west of")}
-_PLACED = {task: re.compile(r"^the (.+?) is (" + "|".join(rs) + r") the (.+?)\.?$", re.IGNORECASE)
-           for task, rs in SPATIAL.items()}
+# qa19 path finding states "the A is DIRECTION of the B" and asks "How do you go from the X to the Y?"
+# ("s,e": the first letters of the directions walked). The compass, clockwise: a quarter-turn or mirror
+# of every direction keeps a story consistent. qa17 (above / to the right of / below / to the left of,
+# yes-no questions) took the same treatment in an experiment and gained nothing from it (5 min:
+# 58.6-59.8% against 61-64%), so it is left out.
+PATH_TASK = 19
+COMPASS = ("north", "east", "south", "west")
+_PLACED = re.compile(r"^the (.+?) is (north|east|south|west) of the (.+?)\.?$", re.IGNORECASE)
 _ROUTE = re.compile(r"from the (\w+) to the (\w+)", re.IGNORECASE)
 
 
@@ -232,8 +232,8 @@ def target_text(q: Question, max_sentences: int = 0, facts: bool = False) -> str
         return " " + q.answer.lower()
     first = max(len(q.story) - max_sentences, 0)
     chain = [q.story[i] for i in q.supporting if i >= first] if max_sentences > 0 else []
-    if q.task in SPATIAL:
-        chain = travel_chain(q.task, chain, q.question)
+    if q.task == PATH_TASK:
+        chain = travel_chain(chain, q.question)
     return " " + " ".join((*chain, ANSWER_MARK, q.answer)).lower()
 
 
@@ -308,31 +308,25 @@ def reword(q: Question, rng: np.random.Generator) -> Question:
     return Question(q.task, tuple(_VERB.sub(swap, s) for s in q.story), q.question, q.answer, q.supporting)
 
 
-def _relation(task: int, text: str) -> tuple[str, str, str] | None:
-    """(A, R, B) of a spatial statement "the A is R the B", lower-cased; None otherwise."""
-    placed = _PLACED[task].match(text.strip())
+def _placed(text: str) -> tuple[str, str, str] | None:
+    """(A, DIRECTION, B) of "the A is DIRECTION of the B", lower-cased; None for any other statement."""
+    placed = _PLACED.match(text.strip())
     return (placed.group(1).lower(), placed.group(2).lower(), placed.group(3).lower()) if placed else None
 
 
-def _opposite(task: int, relation: str) -> str:
-    relations = SPATIAL[task]
-    return relations[(relations.index(relation) + 2) % 4]
+def _opposite(direction: str) -> str:
+    return COMPASS[(COMPASS.index(direction) + 2) % 4]
 
 
-def _bare(relation: str) -> str:
-    """"north of" → "north"."""
-    return relation.removesuffix(" of")
-
-
-def travel_chain(task: int, statements: Sequence[str], question: str) -> list[str]:
+def travel_chain(statements: Sequence[str], question: str) -> list[str]:
     """qa19's supporting statements as a walk from where the route starts, each restated (as its
     converse where needed) as "from the HERE the NEXT is DIRECTION.", so the answer is the directions
     in order. Both places sit just before the direction: the model writes it with both in view (5 min
-    on qa19, ~2,400 steps: 33-35% test, against 9.5% copying the statements, 10.9% as "the NEXT is R of the HERE").
-    Statements that do not form such a walk are left as they are."""
+    on qa19, ~2,400 steps: 33-35% test, against 9.5% copying the statements, 10.9% as "the NEXT is
+    DIRECTION of the HERE"). Statements that do not form such a walk are left as they are."""
     route = _ROUTE.search(question)
     here = route.group(1).lower() if route else None
-    left = [_relation(task, text) for text in statements]
+    left = [_placed(text) for text in statements]
     if here is None or None in left:
         return list(statements)
     walk = []
@@ -340,10 +334,10 @@ def travel_chain(task: int, statements: Sequence[str], question: str) -> list[st
         step = next((k for k, (a, _, b) in enumerate(left) if here in (a, b)), None)
         if step is None:
             return list(statements)
-        there, relation, base = left.pop(step)
+        there, direction, base = left.pop(step)
         if there == here:  # the statement names where we are first: state it the other way round
-            there, relation, base = base, _opposite(task, relation), there
-        walk.append(f"from the {base} the {there} is {_bare(relation)}.")
+            there, direction, base = base, _opposite(direction), there
+        walk.append(f"from the {base} the {there} is {direction}.")
         here = there
     return walk
 
@@ -352,24 +346,23 @@ def turn_map(q: Question, rng: np.random.Generator) -> Question:
     """qa19's `q` with its compass turned by a random quarter-turn and mirrored at random (in story and
     answer alike), and each statement stated as its converse at random ("the kitchen is north of the
     office" ≡ "the office is south of the kitchen")."""
-    relations = SPATIAL[q.task]
     turn, mirror = int(rng.integers(4)), bool(rng.integers(2))
 
-    def turned(relation: str) -> str:
-        i = relations.index(relation)
-        return relations[((-i if mirror else i) + turn) % 4]
+    def turned(direction: str) -> str:
+        i = COMPASS.index(direction)
+        return COMPASS[((-i if mirror else i) + turn) % 4]
 
     story = []
     for text in q.story:
-        parsed = _relation(q.task, text)
+        parsed = _placed(text)
         if parsed is None:
             story.append(text)
             continue
-        there, relation, base = parsed[0], turned(parsed[1]), parsed[2]
+        there, direction, base = parsed[0], turned(parsed[1]), parsed[2]
         if rng.random() < 0.5:
-            there, relation, base = base, _opposite(q.task, relation), there
-        story.append(f"The {there} is {relation} the {base}.")
-    by_letter = {r[0]: r for r in relations}
+            there, direction, base = base, _opposite(direction), there
+        story.append(f"The {there} is {direction} of the {base}.")
+    by_letter = {d[0]: d for d in COMPASS}
     answer = ",".join(turned(by_letter[a])[0] if a in by_letter else a for a in q.answer.lower().split(","))
     return Question(q.task, tuple(story), q.question, answer, q.supporting)
 
@@ -384,7 +377,7 @@ def augmenting_collate(
 
     def collate(batch: Sequence[Question]) -> Any:
         renamed = [reword(rename(q, entity_renaming(rng, cast[q.task])), rng) for q in batch]
-        renamed = [turn_map(q, rng) if q.task in SPATIAL else q for q in renamed]
+        renamed = [turn_map(q, rng) if q.task == PATH_TASK else q for q in renamed]
         examples = build_examples(tokenizer, renamed, max_sentences, max_len, facts)
         return collate_prefix(examples, tokenizer.pad_id or 0)
 
