@@ -323,7 +323,8 @@ def travel_chain(statements: Sequence[str], question: str) -> list[str]:
     converse where needed) as "from the HERE the NEXT is DIRECTION.", so the answer is the directions
     in order. Both places sit just before the direction: the model writes it with both in view (5 min
     on qa19, ~2,400 steps: 33-35% test, against 9.5% copying the statements, 10.9% as "the NEXT is
-    DIRECTION of the HERE"). Statements that do not form such a walk are left as they are."""
+    DIRECTION of the HERE"; 99% in the full per-task run, 2,720 steps). Statements that do not form
+    such a walk are left as they are."""
     route = _ROUTE.search(question)
     here = route.group(1).lower() if route else None
     left = [_placed(text) for text in statements]
