@@ -311,7 +311,7 @@ def reword(q: Question, rng: np.random.Generator) -> Question:
 def _placed(text: str) -> tuple[str, str, str] | None:
     """(A, DIRECTION, B) of "the A is DIRECTION of the B", lower-cased; None for any other statement."""
     placed = _PLACED.match(text.strip())
-    return (placed.group(1).lower(), placed.group(2).lower(), placed.group(3).lower()) if placed else None
+    return tuple(part.lower() for part in placed.groups()) if placed else None
 
 
 def _opposite(direction: str) -> str:
