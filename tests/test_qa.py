@@ -207,6 +207,42 @@ def test_path_finding_chain_walks_the_route_and_turned_maps_stay_consistent():
     assert babi.travel_chain(["Mary went to the office."], q.question) == ["Mary went to the office."]
 
 
+def test_positional_chain_walks_from_the_asked_object_and_answers_by_its_relations():
+    """qa17: the chain walks the supporting statements from the question's first object to its second,
+    each as its converse where needed, so "yes" is the answer exactly when the asked relation is on the
+    walk: on every training question."""
+    walk = re.compile(r"^the (.+?) is (above|below|to the left of|to the right of) the (.+?)\.$")
+    q = Question(17, ("The triangle is above the pink rectangle.", "The blue square is to the left of the triangle."),
+                 "Is the pink rectangle to the right of the blue square?", "yes", (0, 1))
+    assert babi.target_text(q, 50, facts=True) == (
+        " the pink rectangle is below the triangle. the triangle is to the right of the blue square. = yes")
+    turned_round = 0
+    for q in read_task(BABI, 17, "train"):
+        statements = [q.story[i] for i in q.supporting]
+        chain = babi.relation_chain(statements, q.question)
+        hops = [walk.match(text).groups() for text in chain]
+        x, relation, y = re.match(r"^Is the (.+?) (above|below|to the left of|to the right of) the (.+?)\?$",
+                                  q.question).groups()
+        assert hops[0][0] == x and hops[-1][2] == y
+        assert all(a[2] == b[0] for a, b in zip(hops, hops[1:], strict=False))
+        assert (relation in {h[1] for h in hops}) == (q.answer == "yes")
+        turned_round += sum(text.lower() not in {s.lower() for s in statements} for text in chain)
+    assert turned_round > 500  # converses are common
+    assert babi.relation_chain(["Mary went to the office."], q.question) == ["Mary went to the office."]
+
+
+def test_time_chain_states_each_move_time_first():
+    """qa14: both supporting moves come back as "TIME PERSON was in the PLACE.", whichever end of the
+    statement the time was on and whatever the verb."""
+    q = Question(14, ("Julie went back to the school this morning.", "Yesterday Julie travelled to the office."),
+                 "Where was Julie before the school?", "office", (0, 1))
+    assert babi.target_text(q, 50, facts=True) == (
+        " this morning julie was in the school. yesterday julie was in the office. = office")
+    assert babi.time_chain(["Julie picked up the apple."]) == ["Julie picked up the apple."]
+    for q in read_task(BABI, 14, "train"):
+        chain = babi.time_chain([q.story[i] for i in q.supporting])
+        assert all(re.match(r"^(yesterday|this \w+) \w+ was in the \w+\.$", text) for text in chain), chain
+
 def test_task_groups_and_their_parsing():
     assert babi.task_groups((1, 2, 3, 4), ((2, 3),)) == [[1], [2, 3], [4]]
     assert babi.task_groups((3, 5), ((2, 3),)) == [[3], [5]]  # a group keeps the tasks asked for

@@ -32,7 +32,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,14 +107,51 @@ TASK_GROUPS = ((2, 3),)
 KEEP_PLACES_AND_OBJECTS = frozenset({20})  # qa20 asks why someone went somewhere / took something
 ANSWER_MARK = "="  # with supporting facts: the answer follows it
 # qa19 path finding states "the A is DIRECTION of the B" and asks "How do you go from the X to the Y?"
-# ("s,e": the first letters of the directions walked). The compass, clockwise: a quarter-turn or mirror
-# of every direction keeps a story consistent. qa17 (above / to the right of / below / to the left of,
-# yes-no questions) took the same treatment in an experiment and gained nothing from it (5 min:
-# 58.6-59.8% against 61-64%), so it is left out.
+# ("s,e": the first letters of the directions walked). qa17 positional reasoning states "the A is
+# RELATION the B" (above, to the right of, ...) and asks "Is the X RELATION the Y?" (yes or no). Both
+# chains walk the supporting statements from X to Y (`travel_chain`, `relation_chain`); qa19's stories are
+# also augmented by turning and mirroring their compass (`turn_map`).
 PATH_TASK = 19
-COMPASS = ("north", "east", "south", "west")
-_PLACED = re.compile(r"^the (.+?) is (north|east|south|west) of the (.+?)\.?$", re.IGNORECASE)
+RELATION_TASK = 17
+# qa14 time reasoning ("Where was Julie before the school?") dates each move, first or last in the statement:
+# its chain restates both supporting moves time first ("this morning julie was in the school."), so the
+# model names the earlier time before it looks up the place.
+TIME_TASK = 14
+TIMES = ("yesterday", "this morning", "this afternoon", "this evening")
+_TIMED = re.compile(rf"^(?:({'|'.join(TIMES)}) )?(\w+) (?:{'|'.join(VERB_SYNONYMS[0])}) to the (\w+)"
+                    rf"(?: ({'|'.join(TIMES)}))?\.?$", re.IGNORECASE)
 _ROUTE = re.compile(r"from the (\w+) to the (\w+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Compass:
+    """A task's four directions, clockwise (a quarter-turn or mirror of every one keeps a story
+    consistent; the opposite of each is two steps round), and how its statements phrase them."""
+
+    directions: tuple[str, str, str, str]
+    template: str  # a statement: "The {A} is {direction} ... the {B}."
+
+    def __post_init__(self) -> None:
+        words = self.template.replace("{0}", "(.+?)").replace("{2}", "(.+?)").rstrip(".")
+        pattern = words.replace("{1}", "(" + "|".join(self.directions) + ")")
+        object.__setattr__(self, "_statement", re.compile(f"^{pattern}\\.?$", re.IGNORECASE))
+
+    def parse(self, text: str) -> tuple[str, str, str] | None:
+        """(A, DIRECTION, B) of a statement, lower-cased; None for any other statement."""
+        found = self._statement.match(text.strip())
+        return tuple(part.lower() for part in found.groups()) if found else None
+
+    def opposite(self, direction: str) -> str:
+        return self.directions[(self.directions.index(direction) + 2) % 4]
+
+    def turned(self, direction: str, turn: int, mirror: bool) -> str:
+        i = self.directions.index(direction)
+        return self.directions[((-i if mirror else i) + turn) % 4]
+
+
+PATHS = Compass(("north", "east", "south", "west"), "The {0} is {1} of the {2}.")
+RELATIONS = Compass(("above", "to the right of", "below", "to the left of"), "The {0} is {1} the {2}.")
+_ASKED = re.compile(rf"^is the (.+?) ({'|'.join(RELATIONS.directions)}) the (.+?)\?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -234,6 +271,10 @@ def target_text(q: Question, max_sentences: int = 0, facts: bool = False) -> str
     chain = [q.story[i] for i in q.supporting if i >= first] if max_sentences > 0 else []
     if q.task == PATH_TASK:
         chain = travel_chain(chain, q.question)
+    elif q.task == RELATION_TASK:
+        chain = relation_chain(chain, q.question)
+    elif q.task == TIME_TASK:
+        chain = time_chain(chain)
     return " " + " ".join((*chain, ANSWER_MARK, q.answer)).lower()
 
 
@@ -308,14 +349,23 @@ def reword(q: Question, rng: np.random.Generator) -> Question:
     return Question(q.task, tuple(_VERB.sub(swap, s) for s in q.story), q.question, q.answer, q.supporting)
 
 
-def _placed(text: str) -> tuple[str, str, str] | None:
-    """(A, DIRECTION, B) of "the A is DIRECTION of the B", lower-cased; None for any other statement."""
-    placed = _PLACED.match(text.strip())
-    return tuple(part.lower() for part in placed.groups()) if placed else None
-
-
-def _opposite(direction: str) -> str:
-    return COMPASS[(COMPASS.index(direction) + 2) % 4]
+def _walk(facts: Sequence[tuple[str, str, str] | None], start: str | None,
+          converse: Callable[[str], str]) -> list[tuple[str, str, str]] | None:
+    """``facts`` (A, RELATION, B) as a path from ``start``: each step (HERE, relation, NEXT), turned round
+    with ``converse`` where the statement names NEXT first; None where they do not form such a path."""
+    if start is None or None in facts:
+        return None
+    here, left, path = start, list(facts), []
+    while left:
+        step = next((k for k, (a, _, b) in enumerate(left) if here in (a, b)), None)
+        if step is None:
+            return None
+        a, relation, b = left.pop(step)
+        if a != here:
+            a, relation, b = b, converse(relation), a
+        path.append((a, relation, b))
+        here = b
+    return path
 
 
 def travel_chain(statements: Sequence[str], question: str) -> list[str]:
@@ -326,45 +376,57 @@ def travel_chain(statements: Sequence[str], question: str) -> list[str]:
     DIRECTION of the HERE"; 99% in the full per-task run, 2,720 steps). Statements that do not form
     such a walk are left as they are."""
     route = _ROUTE.search(question)
-    here = route.group(1).lower() if route else None
-    left = [_placed(text) for text in statements]
-    if here is None or None in left:
+    walk = _walk([PATHS.parse(text) for text in statements], route.group(1).lower() if route else None,
+                 PATHS.opposite)
+    if walk is None:
         return list(statements)
-    walk = []
-    while left:
-        step = next((k for k, (a, _, b) in enumerate(left) if here in (a, b)), None)
-        if step is None:
+    return [f"from the {here} the {there} is {PATHS.opposite(direction)}." for here, direction, there in walk]
+
+
+def relation_chain(statements: Sequence[str], question: str) -> list[str]:
+    """qa17's supporting statements as a walk from the question's first object to its second, each
+    restated (as its converse where needed) as "the HERE is RELATION the NEXT.": the answer is then
+    whether the asked relation is among the walk's. Statements that do not form such a walk are left as they are."""
+    asked = _ASKED.match(question.strip())
+    walk = _walk([RELATIONS.parse(text) for text in statements], asked.group(1).lower() if asked else None,
+                 RELATIONS.opposite)
+    if walk is None:
+        return list(statements)
+    return [f"the {here} is {relation} the {there}." for here, relation, there in walk]
+
+
+def time_chain(statements: Sequence[str]) -> list[str]:
+    """qa14's supporting moves restated time first, as "TIME PERSON was in the PLACE."; statements that
+    are not dated moves are left as they are."""
+    chain = []
+    for text in statements:
+        timed = _TIMED.match(text.strip())
+        when = timed and (timed.group(1) or timed.group(4))
+        if not when:
             return list(statements)
-        there, direction, base = left.pop(step)
-        if there == here:  # the statement names where we are first: state it the other way round
-            there, direction, base = base, _opposite(direction), there
-        walk.append(f"from the {base} the {there} is {direction}.")
-        here = there
-    return walk
+        chain.append(f"{when.lower()} {timed.group(2).lower()} was in the {timed.group(3).lower()}.")
+    return chain
 
 
 def turn_map(q: Question, rng: np.random.Generator) -> Question:
     """qa19's `q` with its compass turned by a random quarter-turn and mirrored at random (in story and
     answer alike), and each statement stated as its converse at random ("the kitchen is north of the
-    office" ≡ "the office is south of the kitchen")."""
+    office" ≡ "the office is south of the kitchen"). qa17's compass took the same treatment in
+    experiments and lost by it: 58.6-59.8% against 61-64% (5 min), and 62.2% against 66.1% with its chain."""
     turn, mirror = int(rng.integers(4)), bool(rng.integers(2))
-
-    def turned(direction: str) -> str:
-        i = COMPASS.index(direction)
-        return COMPASS[((-i if mirror else i) + turn) % 4]
-
     story = []
     for text in q.story:
-        parsed = _placed(text)
+        parsed = PATHS.parse(text)
         if parsed is None:
             story.append(text)
             continue
-        there, direction, base = parsed[0], turned(parsed[1]), parsed[2]
+        there, direction, base = parsed[0], PATHS.turned(parsed[1], turn, mirror), parsed[2]
         if rng.random() < 0.5:
-            there, direction, base = base, _opposite(direction), there
-        story.append(f"The {there} is {direction} of the {base}.")
-    by_letter = {d[0]: d for d in COMPASS}
-    answer = ",".join(turned(by_letter[a])[0] if a in by_letter else a for a in q.answer.lower().split(","))
+            there, direction, base = base, PATHS.opposite(direction), there
+        story.append(PATHS.template.format(there, direction, base))
+    by_letter = {d[0]: d for d in PATHS.directions}
+    answer = ",".join(PATHS.turned(by_letter[a], turn, mirror)[0] if a in by_letter else a
+                      for a in q.answer.lower().split(","))
     return Question(q.task, tuple(story), q.question, answer, q.supporting)
 
 
@@ -645,6 +707,8 @@ __all__ = [
     "task_groups",
     "target_text",
     "train_model",
+    "relation_chain",
+    "time_chain",
     "travel_chain",
     "turn_map",
 ]
