@@ -113,13 +113,6 @@ ANSWER_MARK = "="  # with supporting facts: the answer follows it
 # also augmented by turning and mirroring their compass (`turn_map`).
 PATH_TASK = 19
 RELATION_TASK = 17
-# qa14 time reasoning ("Where was Julie before the school?") dates each move, first or last in the statement:
-# its chain restates both supporting moves time first ("this morning julie was in the school."), so the
-# model names the earlier time before it looks up the place.
-TIME_TASK = 14
-TIMES = ("yesterday", "this morning", "this afternoon", "this evening")
-_TIMED = re.compile(rf"^(?:({'|'.join(TIMES)}) )?(\w+) (?:{'|'.join(VERB_SYNONYMS[0])}) to the (\w+)"
-                    rf"(?: ({'|'.join(TIMES)}))?\.?$", re.IGNORECASE)
 _ROUTE = re.compile(r"from the (\w+) to the (\w+)", re.IGNORECASE)
 
 
@@ -273,8 +266,6 @@ def target_text(q: Question, max_sentences: int = 0, facts: bool = False) -> str
         chain = travel_chain(chain, q.question)
     elif q.task == RELATION_TASK:
         chain = relation_chain(chain, q.question)
-    elif q.task == TIME_TASK:
-        chain = time_chain(chain)
     return " " + " ".join((*chain, ANSWER_MARK, q.answer)).lower()
 
 
@@ -393,19 +384,6 @@ def relation_chain(statements: Sequence[str], question: str) -> list[str]:
     if walk is None:
         return list(statements)
     return [f"the {here} is {relation} the {there}." for here, relation, there in walk]
-
-
-def time_chain(statements: Sequence[str]) -> list[str]:
-    """qa14's supporting moves restated time first, as "TIME PERSON was in the PLACE."; statements that
-    are not dated moves are left as they are."""
-    chain = []
-    for text in statements:
-        timed = _TIMED.match(text.strip())
-        when = timed and (timed.group(1) or timed.group(4))
-        if not when:
-            return list(statements)
-        chain.append(f"{when.lower()} {timed.group(2).lower()} was in the {timed.group(3).lower()}.")
-    return chain
 
 
 def turn_map(q: Question, rng: np.random.Generator) -> Question:
@@ -708,7 +686,6 @@ __all__ = [
     "target_text",
     "train_model",
     "relation_chain",
-    "time_chain",
     "travel_chain",
     "turn_map",
 ]
