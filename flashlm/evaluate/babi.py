@@ -24,6 +24,8 @@ The renamed question is as correct as the original (bAbI states every fact it as
 task 20 keeps its places and objects, whose meaning it asks about (hungry → kitchen). Task 19 (path
 finding) also turns and mirrors its compass and states facts as their converses at random, and its
 chain restates each fact along the route ("from the kitchen the office is south."; `travel_chain`).
+Task 17 (positional reasoning) likewise restates its two supporting statements as a walk from the
+asked object to the other ("the pink rectangle is below the triangle. ..."; `relation_chain`).
 """
 
 from __future__ import annotations
