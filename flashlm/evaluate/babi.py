@@ -36,6 +36,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +127,16 @@ class Compass:
     directions: tuple[str, str, str, str]
     template: str  # a statement: "The {A} is {direction} ... the {B}."
 
-    def __post_init__(self) -> None:
+    @cached_property
+    def statement(self) -> re.Pattern:
+        """The template as a pattern: (A, DIRECTION, B) in its groups."""
         words = self.template.replace("{0}", "(.+?)").replace("{2}", "(.+?)").rstrip(".")
         pattern = words.replace("{1}", "(" + "|".join(self.directions) + ")")
-        object.__setattr__(self, "_statement", re.compile(f"^{pattern}\\.?$", re.IGNORECASE))
+        return re.compile(f"^{pattern}\\.?$", re.IGNORECASE)
 
     def parse(self, text: str) -> tuple[str, str, str] | None:
         """(A, DIRECTION, B) of a statement, lower-cased; None for any other statement."""
-        found = self._statement.match(text.strip())
+        found = self.statement.match(text.strip())
         return tuple(part.lower() for part in found.groups()) if found else None
 
     def opposite(self, direction: str) -> str:
