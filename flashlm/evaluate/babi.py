@@ -34,7 +34,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -142,6 +142,24 @@ class Compass:
     def opposite(self, direction: str) -> str:
         return self.directions[(self.directions.index(direction) + 2) % 4]
 
+    def walk(self, statements: Sequence[str], start: str | None) -> list[tuple[str, str, str]] | None:
+        """``statements`` as a path from ``start``: each step (HERE, DIRECTION, NEXT), turned round (as its
+        converse) where the statement names NEXT first; None where they do not form such a path."""
+        left = [self.parse(text) for text in statements]
+        if start is None or None in left:
+            return None
+        here, path = start, []
+        while left:
+            step = next((k for k, (a, _, b) in enumerate(left) if here in (a, b)), None)
+            if step is None:
+                return None
+            a, direction, b = left.pop(step)
+            if a != here:
+                a, direction, b = b, self.opposite(direction), a
+            path.append((a, direction, b))
+            here = b
+        return path
+
     def turned(self, direction: str, turn: int, mirror: bool) -> str:
         i = self.directions.index(direction)
         return self.directions[((-i if mirror else i) + turn) % 4]
@@ -149,7 +167,7 @@ class Compass:
 
 PATHS = Compass(("north", "east", "south", "west"), "The {0} is {1} of the {2}.")
 RELATIONS = Compass(("above", "to the right of", "below", "to the left of"), "The {0} is {1} the {2}.")
-_ASKED = re.compile(rf"^is the (.+?) ({'|'.join(RELATIONS.directions)}) the (.+?)\?$", re.IGNORECASE)
+_ASKED = re.compile(rf"^is the (.+?) (?:{'|'.join(RELATIONS.directions)}) the (.+?)\?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -345,25 +363,6 @@ def reword(q: Question, rng: np.random.Generator) -> Question:
     return Question(q.task, tuple(_VERB.sub(swap, s) for s in q.story), q.question, q.answer, q.supporting)
 
 
-def _walk(facts: Sequence[tuple[str, str, str] | None], start: str | None,
-          converse: Callable[[str], str]) -> list[tuple[str, str, str]] | None:
-    """``facts`` (A, RELATION, B) as a path from ``start``: each step (HERE, relation, NEXT), turned round
-    with ``converse`` where the statement names NEXT first; None where they do not form such a path."""
-    if start is None or None in facts:
-        return None
-    here, left, path = start, list(facts), []
-    while left:
-        step = next((k for k, (a, _, b) in enumerate(left) if here in (a, b)), None)
-        if step is None:
-            return None
-        a, relation, b = left.pop(step)
-        if a != here:
-            a, relation, b = b, converse(relation), a
-        path.append((a, relation, b))
-        here = b
-    return path
-
-
 def travel_chain(statements: Sequence[str], question: str) -> list[str]:
     """qa19's supporting statements as a walk from where the route starts, each restated (as its
     converse where needed) as "from the HERE the NEXT is DIRECTION.", so the answer is the directions
@@ -372,8 +371,7 @@ def travel_chain(statements: Sequence[str], question: str) -> list[str]:
     DIRECTION of the HERE"; 99% in the full per-task run, 2,720 steps). Statements that do not form
     such a walk are left as they are."""
     route = _ROUTE.search(question)
-    walk = _walk([PATHS.parse(text) for text in statements], route.group(1).lower() if route else None,
-                 PATHS.opposite)
+    walk = PATHS.walk(statements, route.group(1).lower() if route else None)
     if walk is None:
         return list(statements)
     return [f"from the {here} the {there} is {PATHS.opposite(direction)}." for here, direction, there in walk]
@@ -384,8 +382,7 @@ def relation_chain(statements: Sequence[str], question: str) -> list[str]:
     restated (as its converse where needed) as "the HERE is RELATION the NEXT.": the answer is then
     whether the asked relation is among the walk's. Statements that do not form such a walk are left as they are."""
     asked = _ASKED.match(question.strip())
-    walk = _walk([RELATIONS.parse(text) for text in statements], asked.group(1).lower() if asked else None,
-                 RELATIONS.opposite)
+    walk = RELATIONS.walk(statements, asked.group(1).lower() if asked else None)
     if walk is None:
         return list(statements)
     return [f"the {here} is {relation} the {there}." for here, relation, there in walk]
