@@ -235,6 +235,8 @@ def test_task_groups_and_their_parsing():
     assert babi.task_groups((1, 2, 3, 4), ((2, 3),)) == [[1], [2, 3], [4]]
     assert babi.task_groups((3, 5), ((2, 3),)) == [[3], [5]]  # a group keeps the tasks asked for
     assert babi.task_groups((1, 2), ()) == [[1], [2]]
+    assert sorted([[1], [2, 3], [20], [21]], key=babi.scheduled) == [[20], [1], [2, 3], [21]]
+    assert sorted(babi.TASKS) == sorted(babi.SCHEDULE)
     assert babi.parse_groups("2,3;7,8") == ((2, 3), (7, 8))
     assert babi.parse_groups("none") == ()
     for bad in ("2,x", "2,3;3,4", "0,21"):
