@@ -268,15 +268,20 @@ def test_babi_end_to_end_tiny(tmp_path):
 def test_next_budget_shares_unclaimed_worker_time():
     # 2 workers, 100 s left: one task running with 30 s to go leaves 170 s for the 2 waiting tasks
     assert babi.next_budget(100.0, 2, [30.0], [1, 1]) == pytest.approx(85.0)
-    # a task that ended early frees its time: nothing running, 1 task waiting gets both workers' time
-    assert babi.next_budget(100.0, 2, [], [1]) == pytest.approx(200.0)
+    # a task that ended early frees its time: with nothing running, the 2 tasks waiting share both
+    # workers' time; a single model runs on one worker, so it gets no more than the time left
+    assert babi.next_budget(100.0, 2, [], [1, 1]) == pytest.approx(100.0)
+    assert babi.next_budget(100.0, 2, [], [2, 1]) == pytest.approx(100.0)
+    assert babi.next_budget(100.0, 2, [], [1, 3]) == pytest.approx(50.0)
+    assert babi.next_budget(100.0, 2, [], [1]) == pytest.approx(100.0)
+    assert babi.next_budget(100.0, 2, [], [1], overhead=5.0) == pytest.approx(95.0)
     # overdue tasks claim nothing, and a budget never drops to zero
     assert babi.next_budget(100.0, 2, [-5.0], [1, 1, 1, 1]) == pytest.approx(50.0)
     assert babi.next_budget(0.0, 2, [10.0], [1]) == 1.0
     # start-up and scoring of the unfinished tasks (here 5 s each, 3 of them) are set aside first
     assert babi.next_budget(100.0, 2, [30.0], [1, 1], overhead=5.0) == pytest.approx(77.5)
-    # a model of 2 tasks (next) with one of 1 task waiting after it: 2/3 of the 170 s
-    assert babi.next_budget(100.0, 2, [30.0], [2, 1]) == pytest.approx(170.0 * 2 / 3)
+    # a model of 2 tasks (next) with models of 3 tasks waiting after it: 2/5 of the 170 s
+    assert babi.next_budget(100.0, 2, [30.0], [2, 3]) == pytest.approx(170.0 * 2 / 5)
 
 
 def test_babi_cli_refuses_jobs_without_per_task(tmp_path):
