@@ -111,9 +111,9 @@ TASK_GROUPS = ((2, 3),)
 # first, so the time they leave unused flows to the models after them (`next_budget`); those that train
 # to the end of their budget go last, so no worker idles long before the deadline. From the 88.6% run in
 # task order (minutes used of the budget): qa20 1.4 of 10.0, qa15 1.7, qa4 1.8, qa1 2.5, qa6 2.7, qa9 3.8,
-# qa12 4.2, qa5 5.0, qa18 5.2 of 7.6, and ~8 worker-minutes idle at the end. Replayed with those times,
-# this order gives the qa2/qa3 model 13.5 min (10.8 then) and the full-budget tasks 6.8 (5.9-7.6); the
-# last one, qa16 (47-49% whether it trains 5 or 10 minutes), gets what is left before the deadline.
+# qa12 4.2, qa5 5.0, qa18 5.2 of 7.6, and ~8 worker-minutes idle at the end. In this order (session 11,
+# --minutes 57) the qa2/qa3 model trained 15.7 min (10.8 before) and the full-budget tasks 7.3-7.9 (5.6-7.6);
+# the last one, qa16 (47-49% whether it trains 5 or 10 minutes), gets what is left before the deadline.
 SCHEDULE = (20, 15, 4, 1, 6, 9, 12, 5, 18, 11, 10, 7, 8, 13, 19, 2, 3, 17, 14, 16)
 KEEP_PLACES_AND_OBJECTS = frozenset({20})  # qa20 asks why someone went somewhere / took something
 ANSWER_MARK = "="  # with supporting facts: the answer follows it
