@@ -420,7 +420,7 @@ def eval_babi(
     tasks: Annotated[str, typer.Option(help="Comma-separated task numbers.")] = "1-20",
     per_task: Annotated[bool, typer.Option(help="One model per task instead of one joint model.")] = False,
     jobs: Annotated[int, typer.Option(min=1, help="With --per-task: tasks trained side by side, one process each "
-                                      "(threads are shared out; 2 on 2 cores).")] = 1,
+                                      "(threads shared out; 2 on 2 cores), quick tasks first (babi.SCHEDULE).")] = 1,
     groups: Annotated[str, typer.Option(
         "--groups", help="With --per-task: tasks that share one model, e.g. '2,3' (the default) or '2,3;7,8'; "
                          "'none' for a model per task.")] = "2,3",

@@ -511,8 +511,8 @@ def run_babi(
     work = [(data_dir, cfg, g, model, tokenizer, _save_path(save_dir, g, cfg.per_task)) for g in groups]
     if cfg.per_task and cfg.jobs > 1 and len(groups) > 1:
         order = sorted(range(len(groups)), key=lambda i: scheduled(groups[i]))
-        finished = _run_parallel([work[i] for i in order], cfg)
-        outcomes = [finished[order.index(i)] for i in range(len(groups))]
+        finished = dict(zip(order, _run_parallel([work[i] for i in order], cfg), strict=True))
+        outcomes = [finished[i] for i in range(len(groups))]
     else:
         minutes = cfg.finetune.max_minutes
         outcomes = [train_and_score(*w, minutes=minutes * len(g) / len(cfg.tasks) if minutes else None)
