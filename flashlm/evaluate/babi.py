@@ -24,7 +24,6 @@ The renamed question is as correct as the original (bAbI states every fact it as
 task 20 keeps its places and objects, whose meaning it asks about (hungry → kitchen). Task 19 (path
 finding) also turns and mirrors its compass and states facts as their converses at random, and its
 chain restates each fact along the route ("from the kitchen the office is south."; `travel_chain`).
-Tasks 2, 3 and 14 also lose each statement outside the supporting facts at random (`drop_distractors`).
 Task 17 (positional reasoning) likewise restates its two supporting statements as a walk from the
 asked object to the other ("the pink rectangle is below the triangle. ..."; `relation_chain`).
 """
@@ -116,12 +115,6 @@ TASK_GROUPS = ((2, 3),)
 # --minutes 57) the qa2/qa3 model trained 15.7 min (10.8 before) and the full-budget tasks 7.3-7.9 (5.6-7.6);
 # the last one, qa16 (47-49% whether it trains 5 or 10 minutes), gets what is left before the deadline.
 SCHEDULE = (20, 15, 4, 1, 6, 9, 12, 5, 18, 11, 10, 7, 8, 13, 19, 2, 3, 17, 14, 16)
-# Tasks whose supporting statements alone decide the answer, with the rate at which `drop_distractors`
-# deletes their other statements in training: each story then comes in many shorter versions. 6 min on one
-# thread, side by side with the default: qa14 67.8% against 54.7%; qa2/qa3 (one model, 8 min) 49/42 against
-# 46/41. Not for tasks that count or list (qa7, qa8) or resolve pronouns (qa11, qa13), whose answers
-# hang on statements bAbI does not mark.
-DISTRACTOR_DROP: dict[int, float] = {2: 0.3, 3: 0.3, 14: 0.3}
 KEEP_PLACES_AND_OBJECTS = frozenset({20})  # qa20 asks why someone went somewhere / took something
 ANSWER_MARK = "="  # with supporting facts: the answer follows it
 # qa19 path finding states "the A is DIRECTION of the B" and asks "How do you go from the X to the Y?"
@@ -425,16 +418,6 @@ def turn_map(q: Question, rng: np.random.Generator) -> Question:
     return Question(q.task, tuple(story), q.question, answer, q.supporting)
 
 
-def drop_distractors(q: Question, rng: np.random.Generator, rate: float) -> Question:
-    """``q`` without each statement outside its supporting facts with probability ``rate`` (the
-    supporting ones renumbered): a new story with the same answer in tasks where the supporting
-    statements alone decide it."""
-    keep = [i for i in range(len(q.story)) if i in q.supporting or rng.random() >= rate]
-    place = {old: new for new, old in enumerate(keep)}
-    return Question(q.task, tuple(q.story[i] for i in keep), q.question, q.answer,
-                    tuple(place[i] for i in q.supporting))
-
-
 def augmenting_collate(
     tokenizer: Any, questions: Sequence[Question], max_sentences: int, max_len: int, seed: int, facts: bool = False
 ):
@@ -446,8 +429,6 @@ def augmenting_collate(
     def collate(batch: Sequence[Question]) -> Any:
         renamed = [reword(rename(q, entity_renaming(rng, cast[q.task])), rng) for q in batch]
         renamed = [turn_map(q, rng) if q.task == PATH_TASK else q for q in renamed]
-        renamed = [drop_distractors(q, rng, DISTRACTOR_DROP[q.task]) if q.task in DISTRACTOR_DROP else q
-                   for q in renamed]
         examples = build_examples(tokenizer, renamed, max_sentences, max_len, facts)
         return collate_prefix(examples, tokenizer.pad_id or 0)
 
