@@ -431,6 +431,11 @@ def eval_babi(
         "--supporting-facts/--answer-only",
         help="Train the model to write the supporting statements bAbI marks, then '= answer' (strong "
              "supervision; only the answer is scored), or the answer alone.")] = True,
+    beam: Annotated[int, typer.Option(min=1, help="Beam search rows when answering (1: greedy).")] = 4,
+    copy_statements: Annotated[bool, typer.Option(
+        "--copy-statements/--free-chains",
+        help="With --supporting-facts: the written chain may only cite statements of the story, whole "
+             "(constrained beam search), or any text.")] = True,
     minutes: MinutesOpt = None,
     epochs: EpochsOpt = None,
     max_steps: StepsOpt = None,
@@ -459,8 +464,8 @@ def eval_babi(
     numbers = tuple(range(1, 21)) if tasks == "1-20" else tuple(int(t) for t in tasks.split(",") if t.strip())
     shared = parse_groups(groups)
     cfg = BabiConfig(tasks=numbers, per_task=per_task, groups=shared, max_sentences=max_sentences, augment=augment,
-                     supporting_facts=supporting_facts, train_limit=train_limit, test_limit=test_limit,
-                     jobs=jobs, threads=threads)
+                     supporting_facts=supporting_facts, beam=beam, copy_statements=copy_statements,
+                     train_limit=train_limit, test_limit=test_limit, jobs=jobs, threads=threads)
     (net, tok), cfg = _ft_setup(model, preset, device, threads, cfg)
     ft = _ft_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
@@ -468,7 +473,8 @@ def eval_babi(
     results = run_babi(directory, cfg, net, tok, save)
     settings = {"tasks": list(numbers), "per_task": per_task, "groups": [list(g) for g in shared], "jobs": jobs,
                 "max_sentences": max_sentences,
-                "augment": augment, "supporting_facts": supporting_facts,
+                "augment": augment, "supporting_facts": supporting_facts, "beam": beam,
+                "copy_statements": copy_statements,
                 "minutes": minutes, "clock": clock, "precision": precision,
                 "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
                 "preset": preset, "threads": threads}

@@ -105,6 +105,33 @@ def test_babi_model_learns_to_write_a_statement_then_the_answer():
             assert not chains
 
 
+def test_chain_grammar_admits_whole_statements_then_the_mark():
+    grammar = babi.ChainGrammar([[1, 2, 3], [1, 4], [5]], mark=[9])
+    assert sorted(grammar.allowed([])) == [1, 5, 9]  # a statement's start or the mark; never <eos>
+    assert sorted(grammar.allowed([1])) == [2, 4] and grammar.allowed([1, 2]) == [3]
+    assert sorted(grammar.allowed([1, 2, 3])) == [1, 5, 9] and sorted(grammar.allowed([5, 1, 4])) == [1, 5, 9]
+    assert grammar.allowed([5, 9]) is None and grammar.allowed([9, 7, 7]) is None  # the answer is free
+    tok = Tokenizer.train(babi.corpus(read_task(BABI, 17, "train", limit=20), 50, True), 400, show_progress=False)
+    assert babi.chain_grammar(tok, read_task(BABI, 17, "test", limit=1)[0], 50) is None  # restated chains
+
+
+def test_copy_statements_decoding_cites_only_the_story():
+    """Even an untrained model, decoding under the grammar, writes chains of whole story statements."""
+    questions = read_task(BABI, 2, "train", limit=40)
+    net, tok, _ = babi.train_model(questions, tiny_babi(2, 8, tasks=(2,)))
+    grammars = [babi.chain_grammar(tok, q, 50) for q in questions[:12]]
+    cited = 0
+    for beam in (1, 3):
+        written = babi.predict(net, tok, [source_text(q, 50) for q in questions[:12]], 12, 48, beam, grammars)
+        for q, w in zip(questions, written, strict=False):
+            statements = [s.lower() for s in q.story]
+            *whole, rest = w.partition(babi.ANSWER_MARK)[0].split(".")
+            assert all(s.strip() + "." in statements for s in whole), (w, q.story)
+            assert any(s.startswith(rest.strip()) for s in statements), (w, q.story)  # one cut short
+            cited += len(whole)
+    assert cited > 0
+
+
 def test_score_is_exact_match_per_task():
     qs = [
         Question(1, (), "q", "garden", ()),

@@ -98,6 +98,20 @@ def test_beam_finds_the_sequence_greedy_misses():
     assert beam_logp > greedy_logp
 
 
+def test_allowed_tokens_steer_beam_search():
+    # the same Markov decoder; forbidding A (5) as the first token leaves B, and then only <eos>
+    table = {-1: [0, 0, 0, 0, 0, 0.6, 0.4], 5: [0, 0, 0.2, 0.2, 0.2, 0.2, 0.2], 6: [0, 0, 0.95, 0.05]}
+    dist, step, reorder = markov_step(table, 8)
+
+    def allowed(source: int, history: list[int]) -> list[int] | None:
+        assert source == 0
+        return [6, 7] if not history else None
+
+    for beam in (1, 3):
+        ((tokens, logp),) = beam_search_core(dist(-1)[None], step, reorder, beam, 5, EOS, 0.0, allowed)
+        assert tokens == [6] and logp == pytest_approx(math.log(0.4 * 0.95))
+
+
 def pytest_approx(value: float):
     import pytest
 

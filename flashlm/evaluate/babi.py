@@ -51,6 +51,7 @@ from flashlm.train.finetune import (
     collate_prefix,
     finetune,
     greedy_decode,
+    length_batches,
     make_example,
     new_model,
     prompt_ids,
@@ -205,6 +206,8 @@ class BabiConfig:
         )
     )
     supporting_facts: bool = True  # the target lists the supporting statements before the answer
+    beam: int = 4  # test-time beam search rows (1: greedy)
+    copy_statements: bool = True  # with supporting_facts: chains may only cite the story (`ChainGrammar`)
     augment: bool = True  # rename people/places/objects at every training step (see the module docstring)
     train_limit: int | None = None  # questions per task (subsets for quick runs)
     test_limit: int | None = None
@@ -442,13 +445,77 @@ def corpus(questions: Iterable[Question], max_sentences: int, facts: bool = Fals
 
 
 # ---- scoring ------------------------------------------------------------------------------------
+class ChainGrammar:
+    """What a supporting-fact chain may say: whole statements of its story (token ids, each as the
+    target spells it), any number in any order, then `ANSWER_MARK`, after which anything goes.
+
+    `allowed` walks a token trie; it is the constraint of `predict`'s statement-copying decoding,
+    the memory-selection of a memory network put as a decoding rule: the model still chooses which
+    statements to cite and what to answer, but cannot cite one the story does not hold."""
+
+    _END, _MARK = -1, -2  # trie keys: a statement / the mark ends here
+
+    def __init__(self, statements: Iterable[Sequence[int]], mark: Sequence[int]) -> None:
+        self.root: dict[int, dict] = {}
+        for ids, end in [*((ids, self._END) for ids in statements), (mark, self._MARK)]:
+            node = self.root
+            for tok in ids:
+                node = node.setdefault(tok, {})
+            node[end] = {}
+
+    def allowed(self, history: Sequence[int]) -> list[int] | None:
+        """The tokens that may follow ``history`` (None: any, the chain is over)."""
+        node = self.root
+        for tok in history:
+            if tok not in node and self._END in node:
+                node = self.root  # a statement ended: the next one starts
+            if tok not in node:
+                return None  # off the grammar (cannot happen when it constrained `history`)
+            node = node[tok]
+            if self._MARK in node:
+                return None
+        ids = [t for t in node if t >= 0]
+        return ids + [t for t in self.root if t >= 0] if self._END in node else ids
+
+
+def chain_grammar(tokenizer: Any, q: Question, max_sentences: int) -> ChainGrammar | None:
+    """The `ChainGrammar` of ``q``'s target, or None where its chain restates facts (qa17, qa19)."""
+    if q.task in (PATH_TASK, RELATION_TASK):
+        return None
+    facts = q.story[-max_sentences:] if max_sentences > 0 else ()
+    return ChainGrammar([tokenizer.encode(" " + f.lower()) for f in facts], tokenizer.encode(" " + ANSWER_MARK))
+
+
 def predict(
-    model: FlashLM, tokenizer: Any, sources: Sequence[str], batch_size: int = 64, max_new_tokens: int = 8
+    model: FlashLM,
+    tokenizer: Any,
+    sources: Sequence[str],
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    beam: int = 1,
+    grammars: Sequence[ChainGrammar | None] | None = None,
 ) -> list[str]:
-    """Greedy prefix-LM answers to ``<bos> source <sep>`` prompts (a long story loses its start)."""
+    """Prefix-LM answers to ``<bos> source <sep>`` prompts (a long story loses its start): greedy, or
+    a beam search of ``beam`` rows whose chains follow ``grammars`` (one per source, None: free)."""
+    from flashlm.evaluate.translate import beam_search
+
     limit = model.cfg.max_seq_len - max_new_tokens - 2
     prompts = [prompt_ids(tokenizer, s, limit, keep="end") for s in sources]
-    outputs = greedy_decode(model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id or 0, batch_size)
+    pad = tokenizer.pad_id or 0
+    if beam == 1 and grammars is None:
+        outputs = greedy_decode(model, prompts, max_new_tokens, tokenizer.eos_id, pad, batch_size)
+    else:
+        outputs = [[] for _ in prompts]
+        for rows in length_batches(prompts, max(batch_size // beam, 1)):
+            rules = [grammars[i] if grammars is not None else None for i in rows]
+
+            def allowed(source: int, history: list[int], rules: list = rules) -> list[int] | None:
+                return rules[source].allowed(history) if rules[source] is not None else None
+
+            found = beam_search(model, [prompts[i] for i in rows], beam, max_new_tokens, tokenizer.eos_id, pad,
+                                length_penalty=0.0, allowed=allowed)
+            for i, tokens in zip(rows, found, strict=True):
+                outputs[i] = tokens
     return [tokenizer.decode(out).strip() for out in outputs]
 
 
@@ -467,9 +534,13 @@ def evaluate(
     max_sentences: int,
     batch_size: int = 64,
     max_new_tokens: int = 8,
+    beam: int = 1,
+    copy_statements: bool = False,
 ) -> dict[int, float]:
+    """Accuracy per task; with ``copy_statements`` the chains may only cite the story (`ChainGrammar`)."""
     sources = [source_text(q, max_sentences) for q in questions]
-    return score(predict(model, tokenizer, sources, batch_size, max_new_tokens), questions)
+    grammars = [chain_grammar(tokenizer, q, max_sentences) for q in questions] if copy_statements else None
+    return score(predict(model, tokenizer, sources, batch_size, max_new_tokens, beam, grammars), questions)
 
 
 # ---- the task -----------------------------------------------------------------------------------
@@ -546,7 +617,8 @@ def train_and_score(
     start = copy.deepcopy(model) if model is not None else None
     net, tok, summary = train_model(train, cfg, start, tokenizer)
     written = summary["longest_target"] + 2  # what decoding must allow, with some slack
-    accuracy = evaluate(net, tok, test, cfg.max_sentences, cfg.eval_batch_size, written)
+    copy = cfg.copy_statements and cfg.supporting_facts
+    accuracy = evaluate(net, tok, test, cfg.max_sentences, cfg.eval_batch_size, written, cfg.beam, copy)
     if save_path is not None:
         net.save_pretrained(save_path, tok)
     run = {k: v for k, v in summary.items() if k != "history"} | {"tasks": list(group), "budget_minutes": minutes}

@@ -38,6 +38,8 @@ from flashlm.train.finetune import (
 # reorder(rows) re-indexes the decoder state; step(tokens) → log-probabilities [rows, V]
 StepFn = Callable[[torch.Tensor], torch.Tensor]
 ReorderFn = Callable[[torch.Tensor], None]
+# allowed(source, tokens so far) → the token ids that may come next, or None for any
+AllowedFn = Callable[[int, list[int]], Sequence[int] | None]
 
 DEFAULT_MODEL = ModelConfig(
     vocab_size=8192,
@@ -114,11 +116,13 @@ def beam_search_core(
     max_new_tokens: int,
     eos_id: int,
     length_penalty: float = 1.0,
+    allowed: AllowedFn | None = None,
 ) -> list[tuple[list[int], float]]:
     """Beam search from the first-step log-probabilities ``first`` [N, V] of N sources.
 
     The decoder state holds N·beam rows (source i in rows i·beam … i·beam + beam − 1); ``reorder``
     re-indexes it, ``step`` feeds one token per row and returns log-probabilities [N·beam, V].
+    With ``allowed``, each row may only continue with the tokens it names (constrained decoding).
     Returns, per source, the best finished hypothesis (tokens without ``<eos>``) and its log-prob.
     """
     n, vocab = first.shape
@@ -129,6 +133,8 @@ def beam_search_core(
     hyps = [_Hyps() for _ in range(n)]
     active = [True] * n
     for t in range(max_new_tokens):
+        if allowed is not None:
+            logp = _constrain(logp, tokens, beam, allowed)
         cand = (scores[:, :, None] + logp.view(n, beam, vocab)).view(n, -1)
         top_scores, top_idx = cand.topk(2 * beam, dim=1)
         rows, next_tokens, new_scores = _select(
@@ -153,6 +159,18 @@ def beam_search_core(
         if not hyps[i].done:  # nothing finished: keep the best live hypothesis
             hyps[i].add(tokens[i * beam], float(scores[i, 0]), length_penalty)
     return [h.best() for h in hyps]
+
+
+def _constrain(logp: torch.Tensor, tokens: list[list[int]], beam: int, allowed: AllowedFn) -> torch.Tensor:
+    """``logp`` with -inf wherever ``allowed`` forbids a row's next token."""
+    out = logp.clone()
+    for row, history in enumerate(tokens):
+        ids = allowed(row // beam, history)
+        if ids is not None:
+            keep = out[row, list(ids)]
+            out[row] = float("-inf")
+            out[row, list(ids)] = keep
+    return out
 
 
 def _select(
@@ -211,8 +229,10 @@ def beam_search(
     eos_id: int,
     pad_id: int = 0,
     length_penalty: float = 1.0,
+    allowed: AllowedFn | None = None,
 ) -> list[list[int]]:
-    """Beam-search continuations of prefix-LM prompts (batched, left-padded, KV cache)."""
+    """Beam-search continuations of prefix-LM prompts (batched, left-padded, KV cache); ``allowed``
+    constrains them (see `beam_search_core`, its source index is the prompt's)."""
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(beam)
     width = int(lengths.max())
@@ -234,7 +254,7 @@ def beam_search(
         out = model(tokens[:, None].to(device), mode="prefix", prefix_len=lengths, cache=cache).logits[:, -1]
         return out.float().log_softmax(-1).cpu()
 
-    results = beam_search_core(first, step, reorder, beam, budget, eos_id, length_penalty)
+    results = beam_search_core(first, step, reorder, beam, budget, eos_id, length_penalty, allowed)
     return [tokens for tokens, _ in results]
 
 
