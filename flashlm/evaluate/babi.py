@@ -385,7 +385,7 @@ def travel_chain(statements: Sequence[str], question: str) -> list[str]:
     walk = PATHS.walk(statements, route.group(1).lower() if route else None)
     if walk is None:
         return list(statements)
-    return [f"from the {here} the {there} is {PATHS.opposite(direction)}." for here, direction, there in walk]
+    return [restated(PATH_TASK, step) for step in walk]
 
 
 def relation_chain(statements: Sequence[str], question: str) -> list[str]:
@@ -396,7 +396,15 @@ def relation_chain(statements: Sequence[str], question: str) -> list[str]:
     walk = RELATIONS.walk(statements, asked.group(1).lower() if asked else None)
     if walk is None:
         return list(statements)
-    return [f"the {here} is {relation} the {there}." for here, relation, there in walk]
+    return [restated(RELATION_TASK, step) for step in walk]
+
+
+def restated(task: int, step: tuple[str, str, str]) -> str:
+    """One (HERE, DIRECTION, NEXT) step of a walk as its chain states it (qa19 or qa17)."""
+    here, direction, there = step
+    if task == PATH_TASK:
+        return f"from the {here} the {there} is {PATHS.opposite(direction)}."
+    return f"the {here} is {direction} the {there}."
 
 
 def turn_map(q: Question, rng: np.random.Generator) -> Question:
@@ -478,12 +486,28 @@ class ChainGrammar:
         return ids + [t for t in self.root if t >= 0] if self._END in node else ids
 
 
-def chain_grammar(tokenizer: Any, q: Question, max_sentences: int) -> ChainGrammar | None:
-    """The `ChainGrammar` of ``q``'s target, or None where its chain restates facts (qa17, qa19)."""
-    if q.task in (PATH_TASK, RELATION_TASK):
-        return None
-    facts = q.story[-max_sentences:] if max_sentences > 0 else ()
-    return ChainGrammar([tokenizer.encode(" " + f.lower()) for f in facts], tokenizer.encode(" " + ANSWER_MARK))
+def citable(q: Question, max_sentences: int) -> list[str]:
+    """What ``q``'s chain may cite: its last ``max_sentences`` statements, lower-cased; for qa17 and
+    qa19, whose chains restate facts as steps of a walk, each fact restated both ways round."""
+    facts = [f.lower() for f in q.story[-max_sentences:]] if max_sentences > 0 else []
+    if q.task not in (PATH_TASK, RELATION_TASK):
+        return facts
+    compass = PATHS if q.task == PATH_TASK else RELATIONS
+    out = []
+    for fact in facts:
+        step = compass.parse(fact)
+        if step is None:
+            out.append(fact)
+            continue
+        a, direction, b = step
+        out += [restated(q.task, (a, direction, b)), restated(q.task, (b, compass.opposite(direction), a))]
+    return out
+
+
+def chain_grammar(tokenizer: Any, q: Question, max_sentences: int) -> ChainGrammar:
+    """The `ChainGrammar` of ``q``'s target: it cites `citable` statements."""
+    cites = [tokenizer.encode(" " + c) for c in citable(q, max_sentences)]
+    return ChainGrammar(cites, tokenizer.encode(" " + ANSWER_MARK))
 
 
 def predict(
@@ -493,10 +517,10 @@ def predict(
     batch_size: int = 64,
     max_new_tokens: int = 8,
     beam: int = 1,
-    grammars: Sequence[ChainGrammar | None] | None = None,
+    grammars: Sequence[ChainGrammar] | None = None,
 ) -> list[str]:
     """Prefix-LM answers to ``<bos> source <sep>`` prompts (a long story loses its start): greedy, or
-    a beam search of ``beam`` rows whose chains follow ``grammars`` (one per source, None: free)."""
+    a beam search of ``beam`` rows whose chains follow ``grammars`` (one per source)."""
     from flashlm.evaluate.translate import beam_search
 
     limit = model.cfg.max_seq_len - max_new_tokens - 2
@@ -507,10 +531,10 @@ def predict(
     else:
         outputs = [[] for _ in prompts]
         for rows in length_batches(prompts, max(batch_size // beam, 1)):
-            rules = [grammars[i] if grammars is not None else None for i in rows]
+            rules = [grammars[i] for i in rows] if grammars is not None else None
 
-            def allowed(source: int, history: list[int], rules: list = rules) -> list[int] | None:
-                return rules[source].allowed(history) if rules[source] is not None else None
+            def allowed(source: int, history: list[int], rules: list | None = rules) -> list[int] | None:
+                return rules[source].allowed(history) if rules is not None else None
 
             found = beam_search(model, [prompts[i] for i in rows], beam, max_new_tokens, tokenizer.eos_id, pad,
                                 length_penalty=0.0, allowed=allowed)
