@@ -107,7 +107,8 @@ def test_babi_model_learns_to_write_a_statement_then_the_answer():
 
 def test_chain_grammar_admits_whole_statements_then_the_mark():
     grammar = babi.ChainGrammar([[1, 2, 3], [1, 4], [5]], mark=[9])
-    assert sorted(grammar.allowed([])) == [1, 5, 9]  # a statement's start or the mark; never <eos>
+    assert sorted(grammar.allowed([])) == [1, 5]  # a chain cites at least one statement
+    assert babi.ChainGrammar([], mark=[9]).allowed([]) == [9]  # unless its story has none
     assert sorted(grammar.allowed([1])) == [2, 4] and grammar.allowed([1, 2]) == [3]
     assert sorted(grammar.allowed([1, 2, 3])) == [1, 5, 9] and sorted(grammar.allowed([5, 1, 4])) == [1, 5, 9]
     assert grammar.allowed([5, 9]) is None and grammar.allowed([9, 7, 7]) is None  # the answer is free

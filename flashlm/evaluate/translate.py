@@ -185,7 +185,11 @@ def _select(
     length_penalty: float,
     last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Move candidates ending in <eos> to the finished lists; keep the best `beam` others alive."""
+    """Move candidates ending in <eos> to the finished lists; keep the best `beam` others alive.
+
+    A source is done once it has `beam` finished hypotheses, or, with ``length_penalty`` 0 (a plain
+    sum of log-probabilities, which only falls), once none alive scores above its best finished one:
+    then short hypotheses that finish early cannot crowd out a longer, likelier one."""
     n = top_scores.shape[0]
     rows = torch.zeros(n * beam, dtype=torch.long)
     next_tokens = torch.full((n * beam,), eos_id, dtype=torch.long)
@@ -206,9 +210,14 @@ def _select(
                 rows[i * beam + kept], next_tokens[i * beam + kept] = row, tok
                 new_scores[i, kept] = score
                 kept += 1
-            if len(hyps[i].done) >= beam:
+            if len(hyps[i].done) >= beam and length_penalty != 0.0:
                 break
-        if len(hyps[i].done) >= beam or last:
+        if length_penalty == 0.0:  # scores only fall: stop once no live path can beat the best finished
+            best_done = max((d[0] for d in hyps[i].done), default=float("-inf"))
+            finished = kept == 0 or float(new_scores[i, 0]) <= best_done
+        else:
+            finished = len(hyps[i].done) >= beam
+        if finished or last:
             active[i] = False
             if last:
                 for k in range(kept):
