@@ -98,6 +98,17 @@ def test_beam_finds_the_sequence_greedy_misses():
     assert beam_logp > greedy_logp
 
 
+def test_short_finished_guesses_do_not_stop_a_likelier_longer_one():
+    # beam 2 from 6 (0.5) and 3 (0.3): "3 <eos>" (0.27) and then "6 7 <eos>" (0.135) finish in the top
+    # ranks while "6 7 8" (0.315), alive, ends better. Counting `beam` finished hypotheses as the stop
+    # returned "3"; with length penalty 0 scores only fall, so the search must run until none alive wins.
+    table = {-1: [0, 0, 0, 0.3, 0.2, 0, 0.5], 6: [0, 0, 0.1, 0, 0, 0, 0, 0.9], 3: [0, 0, 0.9, 0, 0.1],
+             7: [0, 0, 0.3, 0, 0, 0, 0, 0, 0.7], 8: [0, 0, 1.0], 4: [0, 0, 1.0]}
+    dist, step, reorder = markov_step(table, 9)
+    ((tokens, logp),) = beam_search_core(dist(-1)[None], step, reorder, 2, 5, EOS, 0.0)
+    assert tokens == [6, 7, 8] and logp == pytest_approx(math.log(0.5 * 0.9 * 0.7))
+
+
 def test_allowed_tokens_steer_beam_search():
     # the same Markov decoder; forbidding A (5) as the first token leaves B, and then only <eos>
     table = {-1: [0, 0, 0, 0, 0, 0.6, 0.4], 5: [0, 0, 0.2, 0.2, 0.2, 0.2, 0.2], 6: [0, 0, 0.95, 0.05]}
