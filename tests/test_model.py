@@ -236,6 +236,24 @@ def test_nsp_head_reads_the_first_position():
     assert model.nsp_logits(out.hidden).shape == (2, 2)
 
 
+def test_junction_evidence_is_how_much_a_raises_the_first_token_of_b():
+    model = make_model()
+    pairs = ids(3, 30)
+    pairs[:, 0], seps = 1, torch.tensor([5, 12, 20])  # <bos> A <sep> B
+    pairs[torch.arange(3), seps] = 4
+    with torch.no_grad():
+        got = model.junction_evidence(pairs, seps)
+        out = model(pairs, mode="bidirectional")
+        logits = model.nsp_logits(out.hidden, pairs, seps)
+        for row, sep in enumerate(seps.tolist()):
+            after_a = model(pairs[row:row + 1, :sep]).logits[0, -1].log_softmax(-1)  # alone, causal
+            after_bos = model(pairs[row:row + 1, :1]).logits[0, -1].log_softmax(-1)
+            first_of_b = pairs[row, sep + 1]
+            assert got[row] == pytest.approx(float(after_a[first_of_b] - after_bos[first_of_b]), abs=1e-4)
+        plain = model.nsp_head(out.hidden[:, 0])
+    assert torch.allclose(logits[:, 0], plain[:, 0]) and torch.allclose(logits[:, 1], plain[:, 1] + got)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     model = make_model().train()
     x = ids()

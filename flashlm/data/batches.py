@@ -290,9 +290,11 @@ def nsp_batch(stream: TokenStream, slot: BatchSlot, seq_len: int, masking: Maski
               next_token: bool = True, rate: float | None = None) -> Batch:
     """Next-sentence-prediction micro-batch: ``<bos> A <sep> B <eos>`` pairs of seq_len + 1 tokens.
 
-    ``extras["nsp_labels"]`` [B] is 1 where B truly follows A. The pair is document 0 and its padding
-    document 1 in `doc_ids`, so no real token attends to padding. With `masking`, the pair also
-    carries MLM masks (targets at masked tokens only); without, every target is ignored.
+    ``extras["nsp_labels"]`` [B] is 1 where B truly follows A; ``extras["pair_ids"]`` holds the pairs
+    unmasked and ``extras["sep_pos"]`` [B] where their <sep> is (for `FlashLM.nsp_logits`). The pair is
+    document 0 and its padding document 1 in `doc_ids`, so no real token attends to padding. With
+    `masking`, the pair also carries MLM masks (targets at masked tokens only); without, every target
+    is ignored.
     """
     mask_rngs = row_rngs(slot, stream_id("nsp-mask")) if masking is not None else None
     return nsp_pairs(stream, seq_len, row_rngs(slot, stream_id("nsp")), masking, mask_rngs, next_token, rate)
@@ -321,8 +323,11 @@ def nsp_pairs(stream: TokenStream, seq_len: int, rngs: list[np.random.Generator]
     else:
         inputs, targets = windows[:, :-1], np.full((len(windows), seq_len), IGNORE_INDEX, dtype=np.int64)
     docs = (np.arange(seq_len)[None] >= np.asarray(lengths)[:, None]).astype(np.int64)
+    clean = windows[:, :-1]
+    seps = (clean == specials.sep).argmax(1)
     return Batch(_tensor(inputs), _tensor(targets), "bidirectional", _tensor(docs),
-                 extras={"nsp_labels": torch.tensor(labels, dtype=torch.int64)})
+                 extras={"nsp_labels": torch.tensor(labels, dtype=torch.int64), "pair_ids": _tensor(clean),
+                         "sep_pos": torch.as_tensor(seps, dtype=torch.int64)})
 
 
 def prefix_lm_batch(stream: TokenStream, slot: BatchSlot, seq_len: int, packed: bool = False,

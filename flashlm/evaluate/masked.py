@@ -143,7 +143,8 @@ def nsp_accuracy(
         batch = nsp_pairs(stream, seq_len, rngs).to(_device(model))
         out = model(batch.input_ids, mode=batch.mode, doc_ids=batch.doc_ids, compute_logits=False)
         labels = batch.extras["nsp_labels"]
-        hits += int((model.nsp_logits(out.hidden).argmax(-1) == labels).sum())
+        logits = model.nsp_logits(out.hidden, batch.extras["pair_ids"], batch.extras["sep_pos"])
+        hits += int((logits.argmax(-1) == labels).sum())
         positives += int(labels.sum())
     return {"nsp_acc": hits / pairs, "pairs": pairs, "positive_share": positives / pairs, "seq_len": seq_len}
 

@@ -147,7 +147,7 @@ def masked_loss(model: nn.Module, batch: Batch, nsp_weight: float = 0.0) -> tupl
     labels = batch.extras.get("nsp_labels")
     if labels is None or nsp_weight <= 0:
         return mlm, metrics
-    nsp_logits = net.nsp_logits(out.hidden).float()
+    nsp_logits = net.nsp_logits(out.hidden, batch.extras.get("pair_ids"), batch.extras.get("sep_pos")).float()
     nsp = F.cross_entropy(nsp_logits, labels)
     with torch.no_grad():
         nsp_acc = (nsp_logits.argmax(-1) == labels).float().mean()
