@@ -22,7 +22,7 @@ import torch
 from flashlm.data.batches import nsp_pairs
 from flashlm.evaluate.masked import open_split
 from flashlm.model.transformer import FlashLM
-from flashlm.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID
+from flashlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from flashlm.train.checkpoint import latest_checkpoint
 
 FEATURES = {"first": [0], "first4": [1], "mean": [2], "sum": [3], "all": [0, 1, 2, 3, 4, 5]}
@@ -46,8 +46,7 @@ def features(model: FlashLM, shards: str, split: str, pairs: int, seed: int) -> 
         rngs = [np.random.default_rng([seed, 1, i]) for i in range(first, min(first + 32, pairs))]
         batch = nsp_pairs(stream, 128, rngs)
         with_a, alone, sizes = [], [], []
-        for row in batch.extras["pair_ids"].tolist():
-            sep = row.index(SEP_ID)
+        for row, sep in zip(batch.extras["pair_ids"].tolist(), batch.extras["sep_pos"].tolist(), strict=True):
             end = next((k for k in range(sep + 1, len(row)) if row[k] in (EOS_ID, PAD_ID)), len(row))
             a, b = row[1:sep], row[sep + 1 : end]
             with_a.append([BOS_ID, *a, *b])

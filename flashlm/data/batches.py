@@ -318,12 +318,12 @@ def nsp_pairs(stream: TokenStream, seq_len: int, rngs: list[np.random.Generator]
         labels.append(label)
         lengths.append(n)
     windows = np.stack(pairs)
+    clean = windows[:, :-1]
     if masking is not None and mask_rngs is not None:
         inputs, targets = mask_rows(windows, mask_rngs, masking, specials, next_token, rate)
     else:
-        inputs, targets = windows[:, :-1], np.full((len(windows), seq_len), IGNORE_INDEX, dtype=np.int64)
+        inputs, targets = clean, np.full((len(windows), seq_len), IGNORE_INDEX, dtype=np.int64)
     docs = (np.arange(seq_len)[None] >= np.asarray(lengths)[:, None]).astype(np.int64)
-    clean = windows[:, :-1]
     seps = (clean == specials.sep).argmax(1)
     return Batch(_tensor(inputs), _tensor(targets), "bidirectional", _tensor(docs),
                  extras={"nsp_labels": torch.tensor(labels, dtype=torch.int64), "pair_ids": _tensor(clean),
