@@ -204,6 +204,7 @@ class TrainConfig:
     data: str = ""  # token-shard directory (from `flashlm data prepare`)
     out: str = "runs/train"
     steps: int = 1000
+    minutes: float = 0.0  # wall-clock budget (0: none); the run ends at this or `steps`, whichever comes first
     batch_size: int = 16  # sequences per rank per micro-step
     seq_len: int = 256
     grad_accum: int = 1
@@ -245,6 +246,8 @@ class TrainConfig:
             value = getattr(self, key)
             need(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
         need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(isinstance(self.minutes, (int, float)) and self.minutes >= 0, "minutes",
+             f"must be a number of minutes >= 0 (0: no time budget), got {self.minutes!r}")
         need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         need(self.schedule in ("cosine", "wsd"), "schedule", f"must be cosine or wsd, got {self.schedule!r}")
         need(self.precision in ("auto", "fp32", "bf16"), "precision",

@@ -1,4 +1,4 @@
-"""Shared fixtures. Real corpora live in ../shared/data next to the clone (the same layout in CI)."""
+"""Shared fixtures: generated text for the core of the suite, ../shared/data only through `real_data`."""
 
 from __future__ import annotations
 
@@ -11,22 +11,23 @@ import pytest
 # ranks): one intra-op thread per process avoids oversubscribing the cores and is faster for tiny models.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The read-only folder of real public corpora (never copied into the repo)."""
-    return SHARED_DATA
-
 
 @pytest.fixture(scope="session")
 def trained_tokenizer():
-    """A 512-token byte-level BPE trained on the TinyStories train head."""
+    """A 512-token byte-level BPE trained on generated stories."""
+    from corpora import stories
+
     from flashlm.tokenizer import Tokenizer
 
-    stories = SHARED_DATA / "tinystories" / "tinystories_train_head.txt"
-    return Tokenizer.train(stories, 512, show_progress=False)
+    return Tokenizer.train(iter(stories(2000)), 512, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tinystories() -> Path:
+    """The TinyStories train head (real text); skips the test where ../shared/data is absent."""
+    from corpora import real_data
+
+    return real_data("tinystories/tinystories_train_head.txt")
 
 
 def pytest_configure(config) -> None:

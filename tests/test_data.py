@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tokenizers
+from corpora import stories, write_stories
 
 from flashlm.data.corpus import iter_documents, resolve_files
 from flashlm.data.shards import SPLITS, TokenShards, dtype_for, prepare_shards, read_meta, val_mask
@@ -21,11 +22,6 @@ from flashlm.errors import ConfigError, DataError
 from flashlm.tokenizer import EOS_ID, SPECIAL_TOKENS, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def stories(shared_data, n: int) -> list[str]:
-    with open(shared_data / "tinystories" / "tinystories_train_head.txt", encoding="utf-8") as fh:
-        return [line.rstrip("\n") for line in itertools.islice(fh, n) if line.strip()]
 
 
 def split_docs(docs: list[str], val_fraction: float) -> dict[str, list[str]]:
@@ -73,7 +69,8 @@ def test_directories_recurse_in_sorted_order_and_read_gzip(tmp_path):
     (tmp_path / "b" / "a.jsonl").write_text('{"text": "from a"}\n', encoding="utf-8")
     with gzip.open(tmp_path / "c.txt.gz", "wt", encoding="utf-8") as fh:
         fh.write("from gz\n")
-    (tmp_path / "notes.md").write_text("ignored\n", encoding="utf-8")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ignored\n", encoding="utf-8")
     assert [p.name for p in resolve_files(tmp_path)] == ["a.jsonl", "z.txt", "c.txt.gz"]
     assert list(iter_documents(tmp_path)) == ["from a", "from z", "from gz"]
 
@@ -98,13 +95,23 @@ def test_invalid_utf8_names_file_and_byte_offset(tmp_path):
     assert str(err.value).startswith(f"{tmp_path / 'bad.txt'}: invalid UTF-8 at byte 17 (line 2)")
 
 
+def test_text_files_of_any_name_are_read_as_utf8_text(tmp_path):
+    names = ("wiki.valid.tokens", "notes.md", "corpus.raw", "README", "more.txt.gz", "captions.de.gz")
+    for name in names:
+        data = f"first {name}\nsecond line\n".encode()
+        (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    for name in names:
+        assert list(iter_documents(tmp_path / name)) == [f"first {name}", "second line"]
+    assert len(list(iter_documents(tmp_path))) == 2 * len(names)  # a folder: every file in it
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda p: p / "missing.txt", "no such file or directory"),
         (lambda p: (p / "e.txt").write_text("\n  \n\n") and p / "e.txt", "empty corpus: no non-empty"),
-        (lambda p: (p / "d").mkdir() or (p / "d" / "x.csv").write_text("a") and p / "d", "no .txt/"),
-        (lambda p: (p / "x.csv").write_text("a") and p / "x.csv", "unsupported file type"),
+        (lambda p: (p / "d").mkdir() or (p / "d" / ".hidden").write_text("a") and p / "d", "no files in directory"),
+        (lambda p: (p / "x.bin").write_bytes(b"ab\ncd\x00e\n") and p / "x.bin", r"x\.bin: binary data .*byte 5"),
         (lambda p: (p / "j.jsonl").write_text("{oops\n") and p / "j.jsonl", r"j\.jsonl:1: invalid JSON"),
     ],
 )
@@ -126,8 +133,8 @@ def test_bad_txt_mode_and_empty_iterable():
 
 # ---- shards -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def story_docs(shared_data) -> list[str]:
-    return stories(shared_data, 600)
+def story_docs() -> list[str]:
+    return stories(600)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +167,8 @@ def test_meta_records_counts_bytes_and_the_tokenizer(shard_dir, story_docs, trai
     assert splits["train"]["docs"] + splits["val"]["docs"] == len(story_docs)
     assert 0.03 * len(story_docs) <= splits["val"]["docs"] <= 0.07 * len(story_docs)
     files = sorted(p.name for p in shard_dir.iterdir())
-    assert files == ["meta.json", "train.bin", "train.idx", "val.bin", "val.idx"]
+    assert files == ["meta.json", "tokenizer.json", "train.bin", "train.idx", "val.bin", "val.idx"]
+    assert Tokenizer.load(shard_dir).fingerprint == trained_tokenizer.fingerprint  # training finds it here
 
 
 def test_a_process_pool_writes_identical_shards(tmp_path, shard_dir, story_docs, trained_tokenizer):
@@ -296,13 +304,13 @@ def test_cli_trains_a_tokenizer_and_prepares_shards(tmp_path, story_docs):
 
 
 @pytest.fixture(scope="module")
-def cli_failures(tmp_path_factory, shared_data) -> dict[str, tuple[int, str, str]]:
+def cli_failures(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     """Every bad-input case run at once (in parallel) as a real subprocess."""
     d = tmp_path_factory.mktemp("cli")
     (d / "blank.txt").write_text("\n \n", encoding="utf-8")
     (d / "nothing").mkdir()
     (d / "bad.txt").write_bytes(b"ok\n\x80\n")
-    tok = shared_data / "tinystories" / "tinystories_sample_cs336.txt"
+    tok = write_stories(d / "stories.txt", 300)
     Tokenizer.train(tok, 300, show_progress=False).save(d / "tok")
     prep = ("data", "prepare", "--tokenizer", d / "tok", "--out", d / "out")
     cases = {
@@ -326,7 +334,7 @@ def cli_failures(tmp_path_factory, shared_data) -> dict[str, tuple[int, str, str
         ("vocab too small", "vocab_size must be at least 261"),
         ("data input missing", "no such file or directory: .*nope.txt"),
         ("empty corpus", "empty corpus: no non-empty documents in .*blank.txt"),
-        ("no matching files", "no .txt/.* files in directory .*nothing"),
+        ("no matching files", "no files in directory .*nothing"),
         ("undecodable bytes", r".*bad.txt: invalid UTF-8 at byte 3 \(line 2\)"),
         ("tokenizer missing", "no tokenizer at .*none"),
         ("bad txt mode", "txt_mode must be one of line, blank"),

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from corpora import stories
 from torch import nn
 
 from flashlm.config import ModelConfig, get_preset, replace
@@ -35,21 +36,11 @@ from flashlm.evaluate.report import write_report, write_result
 from flashlm.model.cache import KVCache
 from flashlm.model.transformer import FlashLM
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-STORIES = DATA / "tinystories" / "tinystories_validation_head.txt"
-
 
 # ---- fixtures -----------------------------------------------------------------------------------
 def paragraphs(n: int) -> list[str]:
-    """The first `n` non-empty paragraphs of the TinyStories validation head, each on one line."""
-    out = []
-    for block in STORIES.read_text(encoding="utf-8").split("\n\n"):
-        text = " ".join(block.split())
-        if len(text.split()) >= 8:
-            out.append(text)
-        if len(out) == n:
-            break
-    return out
+    """`n` generated stories, each one paragraph on one line."""
+    return stories(n, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
 import torch
+from corpora import stories
 from typer.testing import CliRunner
 
 from flashlm import cli
@@ -21,9 +21,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(shared_data):
-    with open(shared_data / "tinystories" / "tinystories_train_head.txt", encoding="utf-8") as fh:
-        return Tokenizer.train(iter(list(itertools.islice(fh, 300))), 512, show_progress=False)
+def tokenizer():
+    return Tokenizer.train(iter(stories(300)), 512, show_progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from corpora import real_data
 from typer.testing import CliRunner
 
 from flashlm.cli import app
@@ -22,7 +23,12 @@ from flashlm.interop.llama2c import (
 from flashlm.model.cache import KVCache
 from flashlm.model.transformer import FlashLM
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2c-stories260K"
+
+def stories260k() -> Path:
+    """The real llama2.c stories260K folder (the tests that need it skip without ../shared/data)."""
+    return real_data("llama2c-stories260K")
+
+
 STEPS = 256  # llama2.c run.c's default -n: positions 0..255, each emitting one token after BOS
 
 
@@ -125,15 +131,15 @@ def test_damaged_checkpoints(tmp_path: Path) -> None:
 # ---- stories260K -------------------------------------------------------------------------------------
 def _reference_text() -> str:
     """The greedy sample printed in REFERENCE.md (the first fenced block)."""
-    text = (DATA / "REFERENCE.md").read_text(encoding="utf-8")
+    text = (stories260k() / "REFERENCE.md").read_text(encoding="utf-8")
     return text.split("```")[1].removeprefix("\n").removesuffix("\n")
 
 
 @pytest.fixture(scope="module")
 def stories(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stories260K")
-    result = CliRunner().invoke(app, ["import", "llama2c", str(DATA / "stories260K.bin"),
-                                      "--tokenizer", str(DATA / "tok512.model"), "--out", str(out)])
+    result = CliRunner().invoke(app, ["import", "llama2c", str(stories260k() / "stories260K.bin"),
+                                      "--tokenizer", str(stories260k() / "tok512.model"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
@@ -168,7 +174,7 @@ def test_tokenizer_matches_sentencepiece(stories: Path) -> None:
 
     from flashlm.tokenizer import Tokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=str(DATA / "tok512.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(stories260k() / "tok512.model"))
     tok = Tokenizer.load(stories)
     texts = [_reference_text(), "Hello  world!\tTabs,\nnewlines, 12345 digits, émoji 🙂 and 日本語.",
              "  padded  ", "", " ", "x"]
@@ -178,7 +184,7 @@ def test_tokenizer_matches_sentencepiece(stories: Path) -> None:
 
 
 def test_import_without_cli(tmp_path: Path) -> None:
-    out = import_llama2c(DATA / "stories260K.bin", DATA / "tok512.model", tmp_path / "m")
+    out = import_llama2c(stories260k() / "stories260K.bin", stories260k() / "tok512.model", tmp_path / "m")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     model = FlashLM.from_pretrained(out)
     assert model.cfg.tie_embeddings and model.num_parameters() == 260_032 + 2 * 64 + 2

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
+from corpora import write_stories
 
 from flashlm.config import get_preset, replace
 from flashlm.errors import ConfigError, FlashLMError
@@ -31,8 +31,6 @@ from flashlm.evaluate.longrange import (
 )
 from flashlm.evaluate.report import evaluate_all
 from flashlm.model.transformer import FlashLM
-
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_validation_head.txt"
 
 
 def tiny(**changes) -> LongRangeConfig:
@@ -163,7 +161,7 @@ def test_eval_all_quick_on_a_nano_model(tmp_path, trained_tokenizer):
         "\n".join(json.dumps({"step": s, "loss": 6 / s, "val_loss": 7 / s}) for s in (10, 20, 30)) + "\n"
     )
     text = tmp_path / "val.txt"
-    text.write_text("\n\n".join(STORIES.read_text(encoding="utf-8").split("\n\n")[:6]))
+    write_stories(text, 6, seed=1, separator="\n\n")
     out = tmp_path / "report"
     tasks = "ppl,cloze,efficiency,longrange"
     args = ["eval", "all", str(model_dir), "--data", str(text), "--quick", "--minutes", "0.05"]

@@ -336,7 +336,12 @@ def test_recipes_load():
 
 # ---- learning (slow) --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def hybrid_run(shards, tmp_path_factory):
+def tinystories_shards(tmp_path_factory, tinystories):
+    return build_shards(tmp_path_factory.getbasetemp() / "tinystories_shards", source=tinystories)
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tinystories_shards, tmp_path_factory):
     """A nano model, 700 hybrid steps (1 causal : 3 MLM+NSP) on TinyStories (~1 min), scored on held-out data.
 
     MLM and causal LM learn at this scale. NSP has no shortcut in the pairs (tests/test_masking.py); its
@@ -347,6 +352,7 @@ def hybrid_run(shards, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # nano-sized matmuls: one thread is as fast and immune to CPU contention
     try:
+        shards = tinystories_shards
         cfg = tiny_config(shards, tmp_path, "train.objectives={clm: {ratio: 1}, mlm: {ratio: 3, nsp_weight: 1.0}}",
                           "train.steps=700", "train.batch_size=16", "train.seq_len=128", "train.lr=1e-3",
                           "train.warmup_steps=20", "train.log_every=50", "train.eval_every=700",

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from corpora import real_data
 
 from flashlm.config import ModelConfig
 from flashlm.errors import ConfigError, DataError
@@ -28,9 +29,10 @@ from flashlm.evaluate.squad import (
 from flashlm.tokenizer import Tokenizer
 from flashlm.train.finetune import FinetuneConfig, collate_prefix
 
-BABI = Path(__file__).resolve().parents[2] / "shared" / "data" / "babi-en-1k"
-if not BABI.is_dir():
-    BABI = Path("/work/shared/data/babi-en-1k")
+
+def babi_data() -> Path:
+    """The real bAbI 1k folder (the tests that need it skip without ../shared/data)."""
+    return real_data("babi-en-1k")
 
 SNIPPET = """\
 1 Mary moved to the bathroom.
@@ -94,7 +96,7 @@ def test_target_lists_supporting_facts_in_the_windows_then_the_answer():
 
 def test_babi_model_learns_to_write_a_statement_then_the_answer():
     """Trained with supporting facts, the model writes "statement. = answer"; answer-only, no mark."""
-    train = read_task(BABI, 1, "train", limit=200)
+    train = read_task(babi_data(), 1, "train", limit=200)
     for facts in (True, False):
         net, tok, _ = babi.train_model(train, tiny_babi(100, 16, supporting_facts=facts))
         written = babi.predict(net, tok, [source_text(q, 50) for q in train[:32]], 32, 16)
@@ -114,7 +116,7 @@ def test_chain_grammar_admits_whole_statements_then_the_mark():
     assert grammar.allowed([5, 9]) is None and grammar.allowed([9, 7, 7]) is None  # the answer is free
 
     for task in (3, 17, 19):  # qa17 and qa19 chains restate their facts as a walk: those are citable too
-        questions = read_task(BABI, task, "train", limit=20)
+        questions = read_task(babi_data(), task, "train", limit=20)
         tok = Tokenizer.train(babi.corpus(questions, 50, True), 400, show_progress=False)
         for q in questions:
             grammar, ids = babi.chain_grammar(tok, q, 50), tok.encode(babi.target_text(q, 50, facts=True))
@@ -126,7 +128,7 @@ def test_chain_grammar_admits_whole_statements_then_the_mark():
 
 def test_copy_statements_decoding_cites_only_the_story():
     """Even an untrained model, decoding under the grammar, writes chains of whole story statements."""
-    questions = read_task(BABI, 2, "train", limit=40)
+    questions = read_task(babi_data(), 2, "train", limit=40)
     net, tok, _ = babi.train_model(questions, tiny_babi(2, 8, tasks=(2,)))
     grammars = [babi.chain_grammar(tok, q, 50) for q in questions[:12]]
     cited = 0
@@ -161,7 +163,7 @@ def test_renaming_keeps_questions_consistent_and_capitals():
 
 
 def test_entity_classes_follow_each_tasks_cast_and_keep_gender():
-    questions = [q for t in (1, 20) for q in read_task(BABI, t, "train", limit=200)]
+    questions = [q for t in (1, 20) for q in read_task(babi_data(), t, "train", limit=200)]
     cast = babi.task_entities(questions)
     women, men, places = cast[1][:3]
     assert set(women) == {"mary", "sandra"} and set(men) == {"daniel", "john"}
@@ -177,7 +179,7 @@ def test_entity_classes_follow_each_tasks_cast_and_keep_gender():
 def test_renaming_animals_keeps_deductions_true():
     """qa15 ("sheep are afraid of wolves. gertrude is a sheep." → wolf) under random renamings of the
     animals, plurals included: solving the renamed story still gives the renamed answer."""
-    questions = read_task(BABI, 15, "train", limit=200)
+    questions = read_task(babi_data(), 15, "train", limit=200)
     cast = babi.task_entities(questions)[15]
     assert set(babi.ANIMALS[:4]) in [set(names) for names in cast]
     singular = {plural: name for name, plural in babi.PLURALS.items()}
@@ -192,7 +194,7 @@ def test_renaming_animals_keeps_deductions_true():
 
 
 def test_augmenting_collate_is_seeded_and_renames(tmp_path):
-    questions = read_task(BABI, 1, "train")
+    questions = read_task(babi_data(), 1, "train")
     tok = Tokenizer.train(babi.corpus(questions, 50), vocab_size=1024, show_progress=False)  # a token a word
     batches = [babi.augmenting_collate(tok, questions, 50, 256, seed)(questions[:32]) for seed in (0, 0, 1)]
     assert torch.equal(batches[0].input_ids, batches[1].input_ids)
@@ -229,7 +231,7 @@ def test_path_finding_chain_walks_the_route_and_turned_maps_stay_consistent():
         " from the kitchen the office is south. from the office the garden is east. = s,e")
     rng = np.random.default_rng(0)
     answers = set()
-    for q in read_task(BABI, 19, "train"):
+    for q in read_task(babi_data(), 19, "train"):
         for turned in (q, babi.turn_map(q, rng)):
             chain = babi.travel_chain([turned.story[i] for i in turned.supporting], turned.question)
             hops = [walk.match(text).groups() for text in chain]
@@ -253,7 +255,7 @@ def test_positional_chain_walks_from_the_asked_object_and_answers_by_its_relatio
     assert babi.target_text(q, 50, facts=True) == (
         " the pink rectangle is below the triangle. the triangle is to the right of the blue square. = yes")
     turned_round = 0
-    for q in read_task(BABI, 17, "train"):
+    for q in read_task(babi_data(), 17, "train"):
         statements = [q.story[i] for i in q.supporting]
         chain = babi.relation_chain(statements, q.question)
         hops = [walk.match(text).groups() for text in chain]
@@ -282,8 +284,8 @@ def test_task_groups_and_their_parsing():
 
 def test_real_babi_files_parse_to_1000_questions_per_task():
     for task in (1, 3, 20):
-        assert len(read_task(BABI, task, "train")) == 1000
-        assert len(read_task(BABI, task, "test")) == 1000
+        assert len(read_task(babi_data(), task, "train")) == 1000
+        assert len(read_task(babi_data(), task, "test")) == 1000
 
 
 def tiny_babi(steps: int, batch_size: int, **changes) -> BabiConfig:
@@ -293,7 +295,7 @@ def tiny_babi(steps: int, batch_size: int, **changes) -> BabiConfig:
 
 
 def test_babi_end_to_end_tiny(tmp_path):
-    results = run_babi(BABI, tiny_babi(6, 16, train_limit=60, test_limit=12))
+    results = run_babi(babi_data(), tiny_babi(6, 16, train_limit=60, test_limit=12))
     assert set(results["accuracy"]) == {"1", "4"}
     assert all(0.0 <= a <= 1.0 for a in results["accuracy"].values())
     assert results["mean_accuracy"] == pytest.approx(sum(results["accuracy"].values()) / 2)
@@ -326,15 +328,15 @@ def test_babi_cli_refuses_jobs_without_per_task(tmp_path):
     from flashlm.cli import app
     from flashlm.errors import ConfigError
 
-    bad = CliRunner().invoke(app, ["eval", "babi", "--jobs", "2", "--data", str(BABI), "--out", str(tmp_path)])
+    bad = CliRunner().invoke(app, ["eval", "babi", "--jobs", "2", "--data", str(babi_data()), "--out", str(tmp_path)])
     assert isinstance(bad.exception, ConfigError) and "--per-task" in str(bad.exception)
 
 
 @pytest.mark.slow
 def test_babi_per_task_in_two_processes_matches_one(tmp_path):
     cfg = tiny_babi(3, 8, per_task=True, train_limit=40, test_limit=8)
-    serial = run_babi(BABI, cfg)
-    parallel = run_babi(BABI, replace(cfg, jobs=2, threads=2), save_dir=tmp_path)
+    serial = run_babi(babi_data(), cfg)
+    parallel = run_babi(babi_data(), replace(cfg, jobs=2, threads=2), save_dir=tmp_path)
     assert [r["tasks"] for r in parallel["runs"]] == [[1], [4]]
     assert parallel["accuracy"] == serial["accuracy"]
     assert [r["final_loss"] for r in parallel["runs"]] == pytest.approx([r["final_loss"] for r in serial["runs"]])
@@ -371,7 +373,7 @@ def test_merge_windows_keeps_the_best_score_per_item():
 
 @pytest.fixture(scope="module")
 def babi_tokenizer() -> Tokenizer:
-    text = [" ".join(q.story) + " " + q.question for q in read_task(BABI, 1, "train", 300)]
+    text = [" ".join(q.story) + " " + q.question for q in read_task(babi_data(), 1, "train", 300)]
     return Tokenizer.train(iter(text), vocab_size=400, show_progress=False)
 
 
@@ -406,7 +408,7 @@ def test_squad_from_babi_points_at_the_answer():
 
 def test_squad_end_to_end_on_babi_stories(tmp_path):
     for split, limit in (("train", 120), ("test", 20)):
-        data = squad_from_babi(read_task(BABI, 1, split, limit))
+        data = squad_from_babi(read_task(babi_data(), 1, split, limit))
         (tmp_path / f"{split}.json").write_text(json.dumps(data))
     assert len(read_squad(tmp_path / "test.json")) == 20
     cfg = SquadConfig(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import inspect
-import itertools
 import json
 import threading
 
 import pytest
 import torch
+from corpora import stories
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -24,11 +24,9 @@ PROMPT = "Once upon a time, there was a little"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, shared_data):
+def model_dir(tmp_path_factory):
     """A nano model (random weights, sharpened so greedy paths are not ties) + a 512-token BPE."""
-    with open(shared_data / "tinystories" / "tinystories_train_head.txt", encoding="utf-8") as fh:
-        lines = list(itertools.islice(fh, 300))
-    tokenizer = Tokenizer.train(iter(lines), 512, show_progress=False)
+    tokenizer = Tokenizer.train(iter(stories(300)), 512, show_progress=False)
     torch.manual_seed(0)
     model = FlashLM(get_preset("nano")).eval()
     with torch.no_grad():

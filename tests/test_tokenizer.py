@@ -8,6 +8,7 @@ import string
 
 import pytest
 import tokenizers
+from corpora import real_data, stories
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,10 +33,17 @@ UNICODE_SAMPLES = [
 ]
 
 
-def real_lines(shared_data, n: int = 200) -> list[str]:
-    """Lines of Tiny Shakespeare and of German Multi30k captions (umlauts, ß)."""
-    shakespeare = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8").splitlines()[:n]
-    with gzip.open(shared_data / "multi30k" / "train.de.gz", "rt", encoding="utf-8") as fh:
+def sample_lines(n: int = 200) -> list[str]:
+    """Generated stories plus the same stories with German-style words swapped in (umlauts, ß)."""
+    english = stories(n, seed=5)
+    german = [s.replace("the", "die").replace("and", "und Größe") + " Straße, Mädchen." for s in english]
+    return english + german
+
+
+def real_lines(n: int = 200) -> list[str]:
+    """Lines of Tiny Shakespeare and of German Multi30k captions (real text; skips without ../shared/data)."""
+    shakespeare = real_data("tinyshakespeare/input.txt").read_text(encoding="utf-8").splitlines()[:n]
+    with gzip.open(real_data("multi30k/train.de.gz"), "rt", encoding="utf-8") as fh:
         german = [next(fh).rstrip("\n") for _ in range(n)]
     return shakespeare + german
 
@@ -81,25 +89,26 @@ def test_bos_eos_framing_and_skip_special(trained_tokenizer):
     assert tok.decode(iter(framed)) == "Once upon a time"  # any iterable of ints
 
 
-def test_encode_batch_equals_encode(trained_tokenizer, shared_data):
+def test_encode_batch_equals_encode(trained_tokenizer):
     tok = trained_tokenizer
-    texts = real_lines(shared_data, 50) + UNICODE_SAMPLES
+    texts = sample_lines(50) + UNICODE_SAMPLES
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     assert tok.encode_batch(texts[:3], add_eos=True) == [tok.encode(t, add_eos=True) for t in texts[:3]]
 
 
-def test_merges_compress_real_text(trained_tokenizer, shared_data):
-    path = shared_data / "tinystories" / "tinystories_validation_head.txt"
+def test_merges_compress_real_text(trained_tokenizer):
+    path = real_data("tinystories/tinystories_validation_head.txt")
     text = path.read_text(encoding="utf-8")[:20000]
     ids = trained_tokenizer.encode(text)
     assert len(text.encode("utf-8")) / len(ids) > 2.0  # a 512-token BPE already merges common words
 
 
-def test_transformers_loads_the_file_and_encodes_identically(trained_tokenizer, shared_data, tmp_path):
+@pytest.mark.parametrize("lines", [sample_lines, real_lines], ids=["generated", "real"])
+def test_transformers_loads_the_file_and_encodes_identically(trained_tokenizer, tmp_path, lines):
     from transformers import PreTrainedTokenizerFast
 
     path = trained_tokenizer.save(tmp_path)
-    texts = real_lines(shared_data) + UNICODE_SAMPLES[:-2]  # without special-token strings
+    texts = lines() + UNICODE_SAMPLES[:-2]  # without special-token strings
     hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
     assert hf(texts, add_special_tokens=False)["input_ids"] == trained_tokenizer.encode_batch(texts)
     ids = trained_tokenizer.encode(texts[3])

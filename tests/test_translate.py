@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import torch
+from corpora import real_data
 
 from flashlm.config import ModelConfig
 from flashlm.evaluate.translate import (
@@ -19,9 +20,10 @@ from flashlm.evaluate.translate import (
 from flashlm.model.transformer import FlashLM
 from flashlm.train.finetune import FinetuneConfig, greedy_decode
 
-MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
-if not MULTI30K.is_dir():
-    MULTI30K = Path("/work/shared/data/multi30k")
+
+def multi30k() -> Path:
+    """The real Multi30k folder (the tests that need it skip without ../shared/data)."""
+    return real_data("multi30k")
 
 EOS = 2
 
@@ -130,7 +132,7 @@ def pytest_approx(value: float):
 
 
 def test_translation_end_to_end_on_50_pairs():
-    pairs = read_pairs(MULTI30K / "train.en.gz", MULTI30K / "train.de.gz", 50)
+    pairs = read_pairs(multi30k() / "train.en.gz", multi30k() / "train.de.gz", 50)
     assert len(pairs) == 50 and all(src and tgt for src, tgt in pairs)
     model = ModelConfig(
         vocab_size=512,
@@ -152,10 +154,10 @@ def test_translation_end_to_end_on_50_pairs():
         train_limit=50,
     )
     results = run_translation(
-        MULTI30K / "train.en.gz",
-        MULTI30K / "train.de.gz",
-        MULTI30K / "val.en.gz",
-        MULTI30K / "val.de.gz",
+        multi30k() / "train.en.gz",
+        multi30k() / "train.de.gz",
+        multi30k() / "val.en.gz",
+        multi30k() / "val.de.gz",
         cfg,
     )
     assert 0.0 <= results["bleu"] <= 100.0 and 0.0 < results["chrf"] <= 100.0

@@ -1,4 +1,4 @@
-"""Shared helpers for the training tests: small real-text shards and tiny run configs."""
+"""Shared helpers for the training tests: small token shards and tiny run configs."""
 
 from __future__ import annotations
 
@@ -7,18 +7,22 @@ from pathlib import Path
 
 from flashlm.config import RunConfig, apply_overrides
 
-STORIES = Path(__file__).resolve().parents[2] / "shared/data/tinystories/tinystories_train_head.txt"
 
+def build_shards(directory: Path, n_docs: int = 1500, vocab_size: int = 512, source: Path | None = None) -> Path:
+    """Tokenizer (byte-level BPE, `vocab_size`) + token shards of `n_docs` documents: generated stories,
+    or the first lines of `source` (one document a line)."""
+    from corpora import stories
 
-def build_shards(directory: Path, n_docs: int = 1500, vocab_size: int = 512) -> Path:
-    """Tokenizer (byte-level BPE, `vocab_size`) + token shards of the first TinyStories documents."""
     from flashlm.data.shards import prepare_shards
     from flashlm.tokenizer import Tokenizer
 
     if (directory / "meta.json").is_file():
         return directory
-    with open(STORIES, encoding="utf-8") as f:
-        docs = [line.strip() for line in itertools.islice(f, n_docs) if line.strip()]
+    if source is None:
+        docs = stories(n_docs)
+    else:
+        with open(source, encoding="utf-8") as f:
+            docs = [line.strip() for line in itertools.islice(f, n_docs) if line.strip()]
     tok = Tokenizer.train(iter(docs), vocab_size=vocab_size, show_progress=False)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(directory)

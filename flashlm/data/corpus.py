@@ -1,17 +1,19 @@
 """Read documents from files or datasets, streaming (bounded memory, one document at a time).
 
 Sources:
-  * ``.txt`` (or ``.txt.gz``): ``txt_mode="line"`` - one document per line; ``"blank"`` - documents
-    separated by blank (whitespace-only) lines, the lines of a document joined with ``"\\n"``.
   * ``.jsonl`` (or ``.jsonl.gz``): one JSON object a line; the document is its ``field``.
   * ``.parquet``: the ``field`` column, read row group by row group (needs ``pyarrow``).
-  * a directory: every matching file below it, recursively, in sorted path order.
+  * any other file is UTF-8 text, whatever its name (``.txt``, ``.md``, ``.tokens``, ``.raw``, none),
+    gunzipped when it ends in ``.gz``: ``txt_mode="line"`` - one document per line; ``"blank"`` -
+    documents separated by blank (whitespace-only) lines, the lines of a document joined with ``"\\n"``.
+  * a directory: every file below it, recursively, in sorted path order (hidden files skipped).
   * any other iterable (a generator, a Hugging Face dataset): strings, or mappings holding ``field``.
 
 A ``str`` or path-like is one path and a ``list``/``tuple`` is several paths; any other iterable is
 taken as documents. Whitespace-only documents are skipped; the rest are yielded as they are (line
-terminators removed). Bytes that are not valid UTF-8 raise `DataError` naming the file and the
-byte offset (of the decompressed stream for ``.gz``): the data is not silently altered.
+terminators removed). Bytes that are not valid UTF-8, or a NUL byte (binary data), raise `DataError`
+naming the file and the byte offset (of the decompressed stream for ``.gz``): the data is not
+silently altered.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import IO, Any
 from flashlm.errors import DataError
 
 TXT_MODES = ("line", "blank")
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 
 
 def iter_documents(
@@ -56,13 +57,11 @@ def resolve_files(paths: str | os.PathLike | list | tuple) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
             if not found:
-                raise DataError(f"no {'/'.join(SUFFIXES)} files in directory {path}")
+                raise DataError(f"no files in directory {path}")
             files.extend(found)
         elif path.is_file():
-            if _suffix(path) not in SUFFIXES:
-                raise DataError(f"unsupported file type {path} (expected {', '.join(SUFFIXES)})")
             files.append(path)
         else:
             raise DataError(f"no such file or directory: {_shown(item)}")
@@ -79,14 +78,14 @@ def _shown(item: str | os.PathLike) -> str:
 
 def read_file(path: Path, txt_mode: str = "line", field: str = "text") -> Iterator[str]:
     """Yield the documents of one corpus file (empty ones included)."""
-    suffix = _suffix(path)
-    if suffix == ".parquet":
+    kind = file_kind(path)
+    if kind == "parquet":
         yield from _read_parquet(path, field)
         return
     try:
         with _open_binary(path) as fh:
             lines = _decoded_lines(fh, path)
-            if suffix.startswith(".jsonl"):
+            if kind == "jsonl":
                 yield from _read_jsonl(lines, path, field)
             elif txt_mode == "blank":
                 yield from _group_blank(lines)
@@ -96,9 +95,16 @@ def read_file(path: Path, txt_mode: str = "line", field: str = "text") -> Iterat
         raise DataError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return next((s for s in SUFFIXES if name.endswith(s)), path.suffix.lower())
+def file_kind(path: Path) -> str:
+    """How a file is read: "parquet", "jsonl" (also gzipped) or "text" (any other name)."""
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "jsonl" if name.endswith(".jsonl") else "text"
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -114,6 +120,9 @@ def _decoded_lines(fh: IO[bytes], path: Path) -> Iterator[tuple[int, str]]:
         except UnicodeDecodeError as exc:
             where = f"byte {offset + exc.start} (line {number})"
             raise DataError(f"{path}: invalid UTF-8 at {where}; re-encode the file as UTF-8") from None
+        if "\x00" in text:
+            where = f"byte {offset + raw.index(0)} (line {number})"
+            raise DataError(f"{path}: binary data (a NUL byte at {where}); pass UTF-8 text, JSONL or Parquet")
         if number == 1 and text.startswith("\ufeff"):
             text = text[1:]
         offset += len(raw)
@@ -189,4 +198,4 @@ def _non_empty(docs: Iterator[str], where: str) -> Iterator[str]:
         raise DataError(f"empty corpus: no non-empty documents in {where}")
 
 
-__all__ = ["SUFFIXES", "TXT_MODES", "iter_documents", "read_file", "resolve_files"]
+__all__ = ["TXT_MODES", "file_kind", "iter_documents", "read_file", "resolve_files"]

@@ -35,7 +35,7 @@ import numpy as np
 
 from flashlm.data.corpus import iter_documents, resolve_files
 from flashlm.errors import ConfigError, DataError
-from flashlm.tokenizer import Tokenizer
+from flashlm.tokenizer import TOKENIZER_FILE, Tokenizer
 
 FORMAT = "flashlm-token-shards"
 VERSION = 1
@@ -98,7 +98,7 @@ def prepare_shards(
                     writers[split].append(part)
                 advance(sum(part[2] for part in result.values()))
         meta = _meta(tok, dtype, val_fraction, writers)
-        _commit(out, writers, meta)
+        _commit(out, writers, meta, tok)
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -261,15 +261,22 @@ def _meta(tok: Tokenizer, dtype: np.dtype, val_fraction: float, writers: dict[st
     }
 
 
-def _commit(out: Path, writers: dict[str, _SplitWriter], meta: dict) -> None:
-    """Rename the temporary files into place; meta.json goes last so it marks a complete directory."""
+def _commit(out: Path, writers: dict[str, _SplitWriter], meta: dict, tok: Tokenizer) -> None:
+    """Rename the temporary files into place; meta.json goes last so it marks a complete directory.
+
+    The tokenizer is stored beside the shards, so that training finds it and copies it into every
+    checkpoint (a model directory is then usable on its own).
+    """
     meta_tmp = out / f".{META_FILE}.tmp"
     meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tokenizer_tmp = out / f".{TOKENIZER_FILE}.tmp"
+    tokenizer_tmp.write_text(tok.to_str(), encoding="utf-8")
     (out / META_FILE).unlink(missing_ok=True)
     for writer in writers.values():
         writer.close()
         for ext, tmp in writer.tmp.items():
             tmp.replace(writer.paths[ext])
+    tokenizer_tmp.replace(out / TOKENIZER_FILE)
     meta_tmp.replace(out / META_FILE)
 
 

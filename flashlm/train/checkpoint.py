@@ -6,7 +6,8 @@ and ``train_state.pt``: step, optimizer and schedule state, RNG states and the r
 as tensors and primitive containers only, so it loads with ``torch.load(weights_only=True)``.
 
 It is written under ``.tmp-step_000123``, every file fsynced, then renamed into place: a crash at
-any moment leaves either the complete new checkpoint or none, and the previous ones intact.
+any moment leaves either the complete new checkpoint or none, and the previous ones intact. The
+training loop then points ``<out>/latest`` at it, the stable name of a run's newest model.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flashlm.model.transformer import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "train_state.pt"
+LATEST_LINK = "latest"  # in a run folder: the newest checkpoint
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE)
 STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "config")
 FORMAT = 1
@@ -103,6 +105,17 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
     return final
+
+
+def link_latest(run_dir: str | Path, checkpoint: str | Path) -> Path:
+    """Point ``run_dir/latest`` at `checkpoint` (a relative symlink, swapped atomically), so a run folder
+    always has one stable name for its newest checkpoint: ``flashlm generate runs/x/latest``."""
+    run_dir = Path(run_dir)
+    link, tmp = run_dir / LATEST_LINK, run_dir / f".{LATEST_LINK}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(checkpoint, run_dir), tmp)
+    os.replace(tmp, link)
+    return link
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> None:

@@ -41,6 +41,7 @@ from flashlm.train.checkpoint import (
     CHECKPOINTS_DIR,
     capture_rng,
     latest_checkpoint,
+    link_latest,
     load_checkpoint,
     resolve_resume,
     restore_rng,
@@ -203,24 +204,57 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device) -
                              fused=device.type == "cuda")
 
 
-def lr_factor(index: int, tcfg: TrainConfig) -> float:
+def lr_factor(index: int, tcfg: TrainConfig, clock: float = 0.0) -> float:
     """Multiplier of the peak lr for optimizer update `index` (0-based): linear warmup, then cosine
-    to min_lr_ratio, or warmup-stable-decay (linear decay over the last decay_fraction of steps)."""
+    to min_lr_ratio, or warmup-stable-decay (linear decay over the last decay_fraction of steps).
+
+    `clock` is the share of a wall-clock budget spent (train.minutes): the schedule after warmup
+    follows whichever of the two, steps or time, is further along, so a timed run ends decayed.
+    """
     if index < tcfg.warmup_steps:
         return (index + 1) / tcfg.warmup_steps
     floor = tcfg.min_lr_ratio
     if tcfg.schedule == "wsd":
         decay_start = max(tcfg.warmup_steps, tcfg.steps - round(tcfg.decay_fraction * tcfg.steps))
-        if index < decay_start:
-            return 1.0
         progress = (index - decay_start) / max(1, tcfg.steps - decay_start)
+        if clock > 0 and tcfg.decay_fraction > 0:
+            progress = max(progress, (clock - (1.0 - tcfg.decay_fraction)) / tcfg.decay_fraction)
+        if progress < 0:
+            return 1.0
         return 1.0 - (1.0 - floor) * min(progress, 1.0)
-    progress = min((index - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps), 1.0)
+    progress = min(max((index - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps), clock), 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: lr_factor(index, tcfg))
+@dataclass
+class Clock:
+    """A run's wall-clock budget (train.minutes): seconds spent, across resumes, and the share of the
+    budget spent at the last `sync`, which the lr schedule follows. Rank 0's clock speaks for every
+    rank, so that all ranks use the same lr and stop at the same step."""
+
+    budget: float  # seconds; 0 means no budget
+    spent_before: float = 0.0  # by the runs this one resumes
+    fraction: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def spent(self) -> float:
+        return self.spent_before + time.perf_counter() - self.started
+
+    def sync(self, env: DistEnv) -> bool:
+        """Update `fraction` (rank 0's reading); True once the budget is spent."""
+        if self.budget <= 0:
+            return False
+        value = torch.tensor([self.spent() / self.budget], dtype=torch.float64, device=env.device)
+        if env.enabled:
+            dist.broadcast(value, src=0)
+        self.fraction = min(float(value), 1.0)
+        return self.fraction >= 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: TrainConfig,
+                    clock: Clock | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda index: lr_factor(index, tcfg, clock.fraction if clock is not None else 0.0))
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
@@ -401,7 +435,7 @@ def evaluate(parts: Parts, val: TokenStream, tcfg: TrainConfig, env: DistEnv,
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def save(parts: Parts, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: RunConfig, env: DistEnv,
-         step: int, data: Data) -> Path | None:
+         step: int, data: Data, clock: Clock) -> Path | None:
     """Gather full states (a collective under FSDP) and let rank 0 write the checkpoint."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -415,18 +449,19 @@ def save(parts: Parts, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: Ru
     path = None
     if env.is_main:
         state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": capture_rng(),
-                 "config": cfg.to_dict(), "world_size": env.world}
+                 "config": cfg.to_dict(), "world_size": env.world, "train_seconds": clock.spent()}
         if parts.extra is not None:  # the objective's own weights (e.g. a distillation projection)
             state["objective"] = {k: v.detach().cpu() for k, v in parts.extra.state_dict().items()}
         path = save_checkpoint(Path(cfg.train.out) / CHECKPOINTS_DIR, step, model_state, cfg.model, state,
                                data.tokenizer_file, cfg.train.keep_last)
+        link_latest(Path(cfg.train.out), path)
     env.barrier()
     return path
 
 
 def resume(parts: Parts, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: RunConfig,
-           env: DistEnv) -> tuple[int, Path | None, dict[str, Any]]:
-    """Load the checkpoint train.resume names (if any) into every part.
+           env: DistEnv, clock: Clock) -> tuple[int, Path | None, dict[str, Any]]:
+    """Load the checkpoint train.resume names (if any) into every part, and its time into `clock`.
 
     Returns (step, checkpoint path, the checkpoint's train settings); (0, None, {}) for a fresh start.
     """
@@ -450,6 +485,7 @@ def resume(parts: Parts, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: 
             parts.extra.load_state_dict(state["objective"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
+        clock.spent_before = float(state.get("train_seconds", 0.0))
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: its training state does not fit this run ({reason})") from None
@@ -621,27 +657,31 @@ def _run(cfg: RunConfig, objective: Objective, env: DistEnv, callback: StepCallb
     parts = build_model(cfg, env, objective)
     parts.extra = _place_objective(objective, env, tcfg)
     optimizer = build_optimizer(parts.trained, tcfg, env.device)
-    scheduler = build_scheduler(optimizer, tcfg)
-    start, resumed_from, saved = resume(parts, optimizer, scheduler, cfg, env)
+    clock = Clock(budget=tcfg.minutes * 60)
+    scheduler = build_scheduler(optimizer, tcfg, clock)
+    start, resumed_from, saved = resume(parts, optimizer, scheduler, cfg, env, clock)
     log = RunLog(cfg, env.is_main, start)
     _announce(log, tcfg, data, start, resumed_from, saved)
     amp = autocast_for(tcfg.precision, env.device)
     state = _LoopState(start, resumed_from)
     try:
         for step in range(start + 1, tcfg.steps + 1):
+            lr = optimizer.param_groups[0]["lr"]
             loss, metrics, grad_norm = train_step(parts, optimizer, scheduler, objective, data, tcfg, env,
                                                   step, amp)
             state.record(loss, metrics)
-            row = _maybe_log(state, step, grad_norm, list(metrics), tcfg, env)
-            row.update(_maybe_eval(state, step, parts, data, tcfg, env, amp))
+            state.step = step
+            out_of_time = clock.sync(env)
+            last = out_of_time or step == tcfg.steps
+            row = _maybe_log(state, step, grad_norm, list(metrics), tcfg, env, lr, last)
+            row.update(_maybe_eval(state, step, parts, data, tcfg, env, amp, last))
             if row:
                 state.history.append(row)
                 log.write(row)
             log.advance(row)
-            state.step = step
-            stop = bool(callback(step, row)) if callback is not None else False
-            if stop or _due(step, tcfg.save_every, tcfg.steps):
-                save_now = lambda s=step: save(parts, optimizer, scheduler, cfg, env, s, data)
+            stop = (bool(callback(step, row)) if callback is not None else False) or out_of_time
+            if stop or _due(step, tcfg.save_every, last):
+                save_now = lambda s=step: save(parts, optimizer, scheduler, cfg, env, s, data, clock)
                 state.checkpoint = _timed(state, save_now)
             if stop:
                 break
@@ -665,8 +705,8 @@ def _place_objective(objective: Objective, env: DistEnv, tcfg: TrainConfig) -> n
     return objective.loss
 
 
-def _due(step: int, every: int, last: int) -> bool:
-    return step % every == 0 or step == last
+def _due(step: int, every: int, last: bool) -> bool:
+    return step % every == 0 or last
 
 
 def _announce(log: RunLog, tcfg: TrainConfig, data: Data, start: int, resumed_from: Path | None,
@@ -716,19 +756,19 @@ def _timed(state: _LoopState, fn: Callable[[], Any]) -> Any:
 
 
 def _maybe_log(state: _LoopState, step: int, grad_norm: torch.Tensor, names: list[str], tcfg: TrainConfig,
-               env: DistEnv) -> dict[str, Any]:
+               env: DistEnv, lr: float, last: bool) -> dict[str, Any]:
     """Every log_every steps (and the last): mean loss/metrics since the last row, across ranks.
 
     NaN marks a metric a step did not produce (a hybrid's other terms): means skip it, and a metric
     with no value since the last row is left out of the row.
     """
-    if not _due(step, tcfg.log_every, tcfg.steps):
+    if not _due(step, tcfg.log_every, last):
         return {}
     values = mean_across_ranks(torch.stack(state.pending).float().nanmean(0), env).tolist()
     now = time.perf_counter()
     elapsed = max(now - state.mark - state.paused, 1e-9)
     tokens = len(state.pending) * tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len * env.world
-    row = {"step": step, "loss": values[0], "lr": tcfg.lr * lr_factor(step - 1, tcfg),
+    row = {"step": step, "loss": values[0], "lr": lr,
            "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
            **{k: v for k, v in zip(names, values[1:], strict=True) if not math.isnan(v)}}
     state.pending, state.mark, state.paused = [], now, 0.0
@@ -736,8 +776,8 @@ def _maybe_log(state: _LoopState, step: int, grad_norm: torch.Tensor, names: lis
 
 
 def _maybe_eval(state: _LoopState, step: int, parts: Parts, data: Data, tcfg: TrainConfig, env: DistEnv,
-                amp: Callable[[], AbstractContextManager]) -> dict[str, Any]:
-    if data.val is None or not _due(step, tcfg.eval_every, tcfg.steps):
+                amp: Callable[[], AbstractContextManager], last: bool) -> dict[str, Any]:
+    if data.val is None or not _due(step, tcfg.eval_every, last):
         return {}
     state.eval = _timed(state, lambda: evaluate(parts, data.val, tcfg, env, amp, data.bytes_per_token))
     return {"step": step, **state.eval}
