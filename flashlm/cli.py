@@ -148,6 +148,8 @@ def import_llama2c_cmd(
 
 
 # ---- train -------------------------------------------------------------------------------------
+TIMED_STEP_CAP = 10**9  # --minutes without train.steps: the clock alone ends the run
+
 @app.command("train")
 def train_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="A YAML recipe, e.g. configs/causal.yaml.")],
@@ -155,6 +157,9 @@ def train_command(
         "--set", help="Override a key (repeatable): --set train.data=data/shards.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the latest checkpoint in train.out.")] = False,
+    minutes: Annotated[float | None, typer.Option(
+        help="Train for this many minutes: the lr schedule follows the clock and the run ends with a "
+             "checkpoint (train.steps, when set with --set, stays a cap).")] = None,
 ) -> None:
     """Pre-train a model (also under torchrun: DDP, or FSDP2 with --set train.distributed=fsdp)."""
     import os
@@ -162,11 +167,18 @@ def train_command(
     from flashlm.config import load_run_config
     from flashlm.train.loop import train
 
-    summary = train(load_run_config(config, [*(overrides or []), *(["train.resume=true"] if resume else [])]))
+    settings = list(overrides or [])
+    if resume:
+        settings.append("train.resume=true")
+    if minutes is not None:
+        settings.append(f"train.minutes={minutes}")
+        if not any(s.startswith("train.steps=") for s in settings):
+            settings.append(f"train.steps={TIMED_STEP_CAP}")
+    summary = train(load_run_config(config, settings))
     if int(os.environ.get("RANK", 0)) == 0:
         loss = f"{summary['loss']:.4f}" if summary["loss"] is not None else "-"
-        typer.echo(f"step {summary['step']}: loss {loss}; checkpoint {summary['checkpoint']}; "
-                   f"metrics in {summary['out']}/metrics.jsonl")
+        typer.echo(f"step {summary['step']}: loss {loss}; checkpoint {summary['checkpoint']} "
+                   f"(also {summary['out']}/latest); metrics in {summary['out']}/metrics.jsonl")
 
 
 @app.command("plan")
@@ -624,8 +636,8 @@ def distill_command(
     summary = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         loss = f"{summary['loss']:.4f}" if summary["loss"] is not None else "-"
-        typer.echo(f"step {summary['step']}: loss {loss}; checkpoint {summary['checkpoint']}; "
-                   f"metrics in {summary['out']}/metrics.jsonl")
+        typer.echo(f"step {summary['step']}: loss {loss}; checkpoint {summary['checkpoint']} "
+                   f"(also {summary['out']}/latest); metrics in {summary['out']}/metrics.jsonl")
 
 
 @distill_app.command("cache")
