@@ -69,6 +69,19 @@ def data_prepare(
     typer.echo(f"shards ({meta['dtype']}) written to {out}")
 
 
+@data_app.command("stories")
+def data_stories(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Text file to write, one story a line.")],
+    docs: Annotated[int, typer.Option(min=1, help="Number of stories.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="The same seed writes the same stories.")] = 0,
+) -> None:
+    """Write generated stories (FlashLM's own story world): a corpus to try the toolkit on."""
+    from flashlm.data.synthetic import write_story_corpus
+
+    path = write_story_corpus(out, docs, seed=seed)
+    typer.echo(f"{docs:,} stories ({path.stat().st_size / 1e6:.1f} MB) written to {path}")
+
+
 # ---- generate ----------------------------------------------------------------------------------
 @app.command()
 def generate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,9 +69,36 @@ def test_run_folder_holds_metrics_plot_and_checkpoints(shards, tmp_path):
     kept = [step for step, _ in list_checkpoints(tmp_path / "checkpoints")]
     assert kept == [6, 7] and summary["checkpoint"].endswith("step_000007")
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
-    assert (ckpt / "tokenizer.json").is_file()
-    model = FlashLM.from_pretrained(ckpt)
+    assert (ckpt / "tokenizer.json").is_file()  # found beside the shards, copied into every checkpoint
+    assert (tmp_path / "latest").resolve() == ckpt.resolve()  # the run's stable name for its newest model
+    model = FlashLM.from_pretrained(tmp_path / "latest")
     assert model.cfg == get_preset("nano")
+
+
+def test_a_timed_run_ends_on_the_clock_with_a_decayed_lr_and_a_checkpoint(shards, tmp_path):
+    cfg = tiny_config(shards, tmp_path, "train.minutes=0.03", "train.steps=1000000", "train.log_every=100000",
+                      "train.eval_every=100000", "train.save_every=100000")
+    summary = train(cfg)
+    assert 10 < summary["step"] < 1000000  # stopped by the clock, not the step cap
+    last = summary["history"][-1]
+    assert last["step"] == summary["step"] and "val_loss" in last  # the last step is logged and evaluated
+    row = [r for r in summary["history"] if "lr" in r][-1]
+    assert row["lr"] < 0.15 * cfg.train.lr  # the cosine ran to its floor (0.1 x peak) with the clock
+    assert summary["checkpoint"].endswith(f"step_{summary['step']:06d}")
+    assert (tmp_path / "latest").resolve() == Path(summary["checkpoint"]).resolve()
+    state = torch.load(tmp_path / "latest" / "train_state.pt", weights_only=True)
+    assert 0.03 * 60 <= state["train_seconds"] < 0.03 * 60 + 30
+
+
+def test_the_lr_follows_the_clock_when_it_is_ahead_of_the_steps():
+    cos = TrainConfig(steps=1000, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_factor(100, cos, clock=0.0) == lr_factor(100, cos)
+    assert lr_factor(100, cos, clock=0.5) == pytest.approx(0.55) and lr_factor(100, cos, clock=1.0) == 0.1
+    assert lr_factor(900, cos, clock=0.1) == lr_factor(900, cos)  # steps further along: steps win
+    assert lr_factor(5, cos, clock=0.9) == pytest.approx(0.6)  # warmup stays in steps
+    wsd = TrainConfig(steps=1000, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(100, wsd, clock=0.79) == 1.0 and lr_factor(100, wsd, clock=0.9) == pytest.approx(0.5)
+    assert lr_factor(100, wsd, clock=1.0) == pytest.approx(0.0)
 
 
 def test_grad_accumulation_matches_one_big_batch(shards, tmp_path):

@@ -521,7 +521,8 @@ class RunLog:
         save_yaml(cfg, self.out / "config.yaml")
         _truncate_metrics(self.out / METRICS_FILE, start)
         self.progress = _progress_bar()
-        self.task = self.progress.add_task("train", total=cfg.train.steps, completed=start, loss="-", tps="-")
+        total = None if cfg.train.minutes else cfg.train.steps  # a timed run ends on the clock
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-")
         self.progress.start()
         if cfg.train.tensorboard:
             self.writer = _tensorboard(self.out / "tensorboard", self.print)
@@ -719,6 +720,8 @@ def _announce(log: RunLog, tcfg: TrainConfig, data: Data, start: int, resumed_fr
         log.print("train.resume: no checkpoint yet; starting from step 0")
     if data.val is None:
         log.print("no validation split with a full window of tokens; evaluation is skipped")
+    if tcfg.minutes:
+        log.print(f"training for {tcfg.minutes:g} minutes (at most {tcfg.steps:,} steps)")
 
 
 @dataclass
