@@ -1,12 +1,13 @@
 """Benchmark `flashlm data prepare`: tokenization throughput (MB/s) and peak RSS of the process tree.
 
-A corpus of real text (TinyStories, Tiny Shakespeare, Multi30k en+de from ../shared/data, one
-document a line, shuffled and repeated) is assembled in a temporary directory at each size; each run
-tokenizes it in a fresh process while this script samples the RSS of that process and all of its
-children. Results go to bench/results/data_prepare.json and a section of docs/benchmarks.md.
+A corpus of real text (TinyStories, Tiny Shakespeare, Multi30k en+de, read from --data, by default
+../shared/data; one document a line, shuffled and repeated) is assembled in a temporary directory at
+each size; each run tokenizes it in a fresh process while this script samples the RSS of that process
+and all of its children. Results go to bench/results/data_prepare.json and a section of
+docs/benchmarks.md.
 
     .venv/bin/python bench/data_prepare.py                      # 50 and 200 MB, workers 1 and 2
-    .venv/bin/python bench/data_prepare.py --sizes 20 --workers 2
+    .venv/bin/python bench/data_prepare.py --sizes 20 --workers 2 --data DIR
 """
 
 from __future__ import annotations
@@ -26,25 +27,30 @@ import time
 from pathlib import Path
 
 from docs_section import replace_section
+from shared_data import SHARED_DATA, require
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "bench" / "results" / "data_prepare.json"
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- data_prepare:begin -->", "<!-- data_prepare:end -->"
 GOAL_MBPS, GOAL_RSS_MB = 5.0, 1024
+# the corpus files, relative to --data
+STORIES = ("tinystories/tinystories_train_head.txt", "tinystories/tinystories_validation_head.txt")
+SHAKESPEARE = "tinyshakespeare/input.txt"
+MULTI30K = ("multi30k/train.en.gz", "multi30k/train.de.gz")
+SOURCES = (*STORIES, SHAKESPEARE, *MULTI30K)
 
 
 # ---- corpus ---------------------------------------------------------------------------------------
-def source_documents() -> list[str]:
+def source_documents(data: Path) -> list[str]:
     """Real documents, one line each: stories, Shakespeare speeches, Multi30k captions (en, de)."""
-    stories = (DATA / "tinystories" / "tinystories_train_head.txt").read_text(encoding="utf-8")
+    stories = (data / STORIES[0]).read_text(encoding="utf-8")
     docs = [line.strip() for line in stories.splitlines() if line.strip()]
-    for name in ("tinystories/tinystories_validation_head.txt", "tinyshakespeare/input.txt"):
-        text = (DATA / name).read_text(encoding="utf-8")
+    for name in (STORIES[1], SHAKESPEARE):
+        text = (data / name).read_text(encoding="utf-8")
         docs += [" ".join(p.split("\n")) for p in text.split("\n\n") if p.strip()]
-    for name in ("train.en.gz", "train.de.gz"):
-        with gzip.open(DATA / "multi30k" / name, "rt", encoding="utf-8") as fh:
+    for name in MULTI30K:
+        with gzip.open(data / name, "rt", encoding="utf-8") as fh:
             docs += [line.strip() for line in fh if line.strip()]
     return docs
 
@@ -206,17 +212,22 @@ def checks(report: dict) -> dict:
 
 def write_markdown(report: dict) -> None:
     m, rows, c = report["machine"], report["runs"], report["checks"]
+    met = lambda flag: "met" if flag else "NOT met"
     lines = [
         BEGIN,
         "## Data preparation (`flashlm data prepare`)",
         "",
-        "Real text (TinyStories, Tiny Shakespeare, Multi30k en+de; one document a line) repeated to each "
-        f"size, byte-level BPE with {report['settings']['vocab_size']} tokens. "
-        f"{m['cpus']} CPUs ({m['cpu']}), "
-        f"tokenizers {m['tokenizers']}, Python {m['python']}. Load average before/after: "
-        f"{report['loadavg_before']} / {report['loadavg_after']} (on a shared machine other jobs compete "
-        f"for the CPUs). Goal: >= {GOAL_MBPS} MB/s, peak RSS < {GOAL_RSS_MB} MB, the same within 20% "
-        "at 50 and 200 MB.",
+        "Tokenization throughput and peak memory (RSS of the process and its children) of `flashlm data "
+        "prepare` on real text (TinyStories, Tiny Shakespeare, Multi30k en+de; one document a line) repeated "
+        f"to each size, byte-level BPE with {report['settings']['vocab_size']} tokens.",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu']}); workers 1 tokenizes in the process with `tokenizers`' own "
+        "threads (the default on <= 2 CPUs), 2 uses two worker processes; "
+        f"tokenizers {m['tokenizers']}, Python {m['python']}; load average before/after "
+        f"{report['loadavg_before']} / {report['loadavg_after']}.",
+        "",
+        f"Goals: >= {GOAL_MBPS} MB/s; peak RSS < {GOAL_RSS_MB} MB; MB per CPU-second and peak RSS within 20% "
+        "from the smallest to the largest corpus.",
         "",
         "| corpus MB | workers | MB/s | MB per CPU-second | peak RSS (tree) MB | tokens | seconds |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -233,17 +244,14 @@ def write_markdown(report: dict) -> None:
     )
     lines += [
         "",
-        f"Best measured: {c['best_mb_per_s']} MB/s "
-        f"(goal {'met' if c['throughput_goal_met'] else 'NOT met'}); "
-        f"CPU-bound estimate for {m['cpus']} uncontended CPUs ({m['cpus']} x median MB per CPU-second): "
-        f"{c['cpu_bound_estimate_mb_per_s']} MB/s. Peak RSS at most {c['max_peak_rss_mb']:.0f} MB "
-        f"(goal {'met' if c['rss_goal_met'] else 'NOT met'}). Largest over smallest corpus: {ratios} "
-        f"({'within' if c['stable_across_sizes'] else 'NOT within'} 20%). Workers 1 tokenizes in the "
-        "process with `tokenizers`' own threads (the default on <= 2 CPUs); 2 uses two worker processes. "
-        "Over 90% of the CPU time is spent inside `tokenizers`' Rust encoder.",
+        f"Result: throughput {met(c['throughput_goal_met'])} (best {c['best_mb_per_s']} MB/s; a CPU-bound "
+        f"estimate for {m['cpus']} uncontended CPUs, {m['cpus']} x the median MB per CPU-second, is "
+        f"{c['cpu_bound_estimate_mb_per_s']} MB/s); memory {met(c['rss_goal_met'])} (at most "
+        f"{c['max_peak_rss_mb']:.0f} MB); stability {met(c['stable_across_sizes'])} (largest over smallest "
+        f"corpus: {ratios}).",
         "",
-        f"Rerun: `{report['command']}` (writes `bench/results/data_prepare.json`; "
-        "`--report-only` rewrites this section from it).",
+        f"Rerun: `{report['command']}` (add `--data DIR` when the corpora are not in ../shared/data; writes "
+        "`bench/results/data_prepare.json`; `--report-only` rewrites this section from it).",
         END,
     ]
     section = "\n".join(lines)
@@ -255,6 +263,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[50, 200], help="corpus sizes in MB")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker settings to compare")
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA, metavar="DIR",
+                        help=f"folder holding {', '.join(SOURCES)} (default: ../shared/data)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,10 +276,11 @@ def main() -> None:
         RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         return write_markdown(report)
 
+    require("data_prepare.py", [args.data / name for name in SOURCES], "corpus files", "--data DIR")
     from flashlm.tokenizer import Tokenizer
 
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
-    docs = source_documents()
+    docs = source_documents(args.data)
     runs = []
     with tempfile.TemporaryDirectory(prefix="flashlm-bench-") as tmp:
         tmp_dir = Path(tmp)

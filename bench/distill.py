@@ -1,9 +1,10 @@
 """Benchmark knowledge distillation on TinyStories: does a student taught by a larger teacher beat the same
 student trained alone, at the same number of tokens, and what does the teacher cost per step?
 
-1. A byte-level BPE tokenizer (4096 tokens) and token shards of ../shared/data/tinystories/
-   tinystories_train_head.txt; held-out text: the first tokens of tinystories_validation_head.txt (another
-   split of TinyStories, never trained on). Everything is built under bench/work/distill/ (not committed).
+1. A byte-level BPE tokenizer (4096 tokens) and token shards of tinystories_train_head.txt from the
+   --stories folder (default ../shared/data/tinystories); held-out text: the first tokens of
+   tinystories_validation_head.txt (another split of TinyStories, never trained on). Everything is built
+   under bench/work/distill/ (not committed).
 2. A teacher (the `tiny` preset, ~5.2M parameters) pre-trained with `flashlm.train` for a fixed time budget
    (its step count is chosen from a measured step time so that the cosine schedule completes).
 3. Its top-k logit cache over the training shards (`flashlm.train.distill.cache_teacher`).
@@ -15,13 +16,12 @@ student trained alone, at the same number of tokens, and what does the teacher c
 
 Results go to bench/results/distill.json and a section of docs/benchmarks.md.
 
-    nice .venv/bin/python bench/distill.py                 # the recorded run (about 20 minutes on 2 CPUs)
-    nice .venv/bin/python bench/distill.py --quick         # a smoke run (a few minutes, nothing written)
+    nice .venv/bin/python bench/distill.py                 # the recorded run
+    nice .venv/bin/python bench/distill.py --quick         # a smoke run (nothing written)
     .venv/bin/python bench/distill.py --report-only        # rewrite the docs section from the JSON
 
-On a shared 2-core machine torch's default of 2 OpenMP threads per process collapses under load (a nano
-forward pass measured 50x slower than with 1 thread while other jobs ran), so this script uses 1 thread
-(--threads to change it).
+The models are small enough that extra torch threads gain little and suffer most when other jobs
+compete for the cores, so this script uses 1 thread by default (--threads to change it).
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from docs_section import replace_section
+from shared_data import SHARED_DATA, require
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "tinystories"
+STORIES = SHARED_DATA / "tinystories"
+TRAIN_FILE, HELDOUT_FILE = "tinystories_train_head.txt", "tinystories_validation_head.txt"
 WORK = REPO / "bench" / "work" / "distill"
 RESULTS = REPO / "bench" / "results" / "distill.json"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -61,17 +63,18 @@ QUICK = dict(teacher_steps=30, teacher_batch=8, teacher_budget_s=120, student_st
              seq_len=64, heldout_tokens=4096, cost_rounds=3, decode_rounds=2)
 
 
+# Why the run is set up as it is, and how to read it; filled in from the report (`notes`).
 NOTES = [
-    "The teacher is the `tiny` preset (5.2M parameters), not the ~20M `small` one: `small` needs about 4x the "
-    "compute per token, so in this CPU budget it would see about a quarter of the tokens (under 100k) and be "
-    "no better a teacher.",
-    "Students are wide and shallow (2 layers): batch-1 decoding on a CPU costs per layer, not per parameter.",
-    "The cached student trails the online one. Its teacher keeps only the top 64 of 4096 ids, renormalised "
-    "over them (as the issue specifies): this teacher is uncertain (held-out ppl ~56), its top 64 ids hold "
-    "on average {mean:.0%} of its probability (median {median:.0%}, 10th percentile {p10:.0%}), so the cached "
-    "target is markedly sharper than the teacher. Its predictions also come from the cache's own windows "
-    "(stride seq_len/2: at least 64 tokens of context), not the student's window. A larger k (Gemma 3 used "
-    "256) or a rest-of-vocabulary bucket should close part of the gap.",
+    "The teacher is the `tiny` preset, not the ~20M-parameter `small` one: `small` costs about 4x the compute "
+    "per token, so in the same CPU budget it would see about a quarter of the tokens.",
+    "The students are wide and shallow ({student_layers} layers): decoding one sequence at a time on a CPU "
+    "costs per layer more than per parameter.",
+    "The cached student trails the online one. The cache keeps the teacher's top {top_k} of {vocab} ids, "
+    "renormalised over them; this teacher is uncertain (held-out perplexity {teacher_ppl:.0f}) and its top "
+    "{top_k} ids hold on average {mean:.0%} of its probability (median {median:.0%}, 10th percentile "
+    "{p10:.0%}), so the cached target is sharper than the teacher's own distribution. The cached predictions "
+    "also come from the teacher's windows (stride {stride}: at least {context} tokens of context), not the "
+    "student's. A larger k, or a bucket for the rest of the vocabulary, would address the first of these.",
 ]
 
 
@@ -80,20 +83,20 @@ def log(message: str) -> None:
 
 
 # ---- data -------------------------------------------------------------------------------------------
-def prepare(work: Path) -> dict[str, Any]:
+def prepare(work: Path, stories: Path) -> dict[str, Any]:
     """Tokenizer + training shards (train head) + held-out shards (validation head, all in one split)."""
     from flashlm.data.shards import TokenShards, prepare_shards
     from flashlm.tokenizer import Tokenizer
 
     train_dir, heldout_dir = work / "shards", work / "heldout"
     if not ((train_dir / "meta.json").is_file() and (heldout_dir / "meta.json").is_file()):
-        text = (DATA / "tinystories_train_head.txt").read_text(encoding="utf-8")
+        text = (stories / TRAIN_FILE).read_text(encoding="utf-8")
         docs = [line.strip() for line in text.splitlines() if line.strip()]
         tok = Tokenizer.train(iter(docs), vocab_size=VOCAB, show_progress=False)
         train_dir.mkdir(parents=True, exist_ok=True)
         tok.save(train_dir)
         prepare_shards(iter(docs), tok, train_dir, val_fraction=0.01, workers=1, progress=False)
-        held = (DATA / "tinystories_validation_head.txt").read_text(encoding="utf-8")
+        held = (stories / HELDOUT_FILE).read_text(encoding="utf-8")
         paragraphs = [" ".join(p.split()) for p in held.split("\n\n") if p.strip()]
         prepare_shards(iter(paragraphs), tok, heldout_dir, val_fraction=0.0, workers=1, progress=False)
     train, held = TokenShards(train_dir, "train"), TokenShards(heldout_dir, "train")
@@ -230,7 +233,7 @@ def decode_speed(checkpoints: dict[str, str], rounds: int) -> dict[str, Any]:
 
 
 # ---- the run ----------------------------------------------------------------------------------------
-def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, work: Path = WORK) -> dict[str, Any]:
+def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, stories: Path, work: Path = WORK) -> dict[str, Any]:
     import torch
 
     from flashlm.config import ModelConfig, count_parameters
@@ -239,7 +242,7 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, work: Path = WO
     torch.set_num_threads(threads)
     load_before = list(os.getloadavg())
     began = time.perf_counter()
-    data = prepare(work)
+    data = prepare(work, stories)
     seq = sizes["seq_len"]
     log(f"data: {data['train_tokens']:,} training tokens, {data['heldout_available']:,} held-out tokens")
 
@@ -311,7 +314,7 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, work: Path = WO
         "models": {"teacher": {**TEACHER, "parameters": t_params}, "student": {**STUDENT, "parameters": s_params},
                    "student_share": s_params / t_params},
         "teacher": teacher, "cache": cache_info, "students": results, "heldout": heldout,
-        "step_cost": costs, "decode": decode, "notes": NOTES,
+        "step_cost": costs, "decode": decode,
     }
 
 
@@ -340,17 +343,30 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def notes(report: dict[str, Any]) -> list[str]:
+    """`NOTES` with this report's figures."""
+    cache, sizes = report["cache"], report["sizes"]
+    stride = cache.get("stride", sizes["seq_len"])
+    figures = {"mean": math.nan, "median": math.nan, "p10": math.nan, **cache.get("topk_mass", {}),
+               "top_k": report["distill"]["top_k"], "vocab": VOCAB, "teacher_ppl": report["heldout"]["teacher"]["ppl"],
+               "stride": stride, "context": cache.get("teacher_window", sizes["seq_len"]) - stride,
+               "student_layers": report["models"]["student"]["n_layers"]}
+    return [note.format(**figures) for note in NOTES]
+
+
 def markdown(report: dict[str, Any]) -> str:
     c, m, held = report["checks"], report["machine"], report["heldout"]
     t, s, sizes = report["models"]["teacher"], report["models"]["student"], report["sizes"]
     cost, dec, st = report["step_cost"], report["decode"], report["students"]
-    ok = lambda flag: "met" if flag else "**missed**"
+    ok = lambda flag: "met" if flag else "**NOT met**"
     short = GOAL_PPL_GAIN - c["ppl_gain_cached"]
     cached_gap = f"; the cached student alone misses it by {100 * short:.1f} points" if short > 0 else ""
     lines = [
         BEGIN,
         "## Distillation (`bench/distill.py`)",
         "",
+        "Does a student taught by a larger teacher beat the same student trained alone on the same tokens, and "
+        "what does the teacher cost per training step? "
         f"TinyStories: {report['data']['train_tokens']:,} training tokens (train head), held-out perplexity on the "
         f"first {report['data']['heldout_tokens']:,} tokens of the validation head (another split), windows of "
         f"{sizes['seq_len']}; byte-level BPE, {VOCAB} tokens. Teacher: the `tiny` preset, "
@@ -362,10 +378,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"batches. Distillation: alpha {report['distill']['alpha']}, T {report['distill']['temperature']}, "
         f"{report['distill']['divergence']}, cache top-{report['distill']['top_k']} "
         f"(stride {report['cache'].get('stride', sizes['seq_len'])}, {report['cache']['bytes_per_token']} "
-        f"bytes/token, {report['cache']['megabytes']:.0f} MB, built in "
-        f"{report['cache']['seconds']:.0f} s). {m['cpus']} shared CPUs ({m['cpu']}), torch {m['torch']} on "
-        f"{m['threads']} thread(s); load average before/after {report['loadavg_before'][0]:.1f} / "
-        f"{report['loadavg_after'][0]:.1f}; whole run {report['wall_seconds'] / 60:.1f} min.",
+        f"bytes/token, {report['cache']['megabytes']:.0f} MB, built in {report['cache']['seconds']:.0f} s).",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']} on {m['threads']} thread(s); load average "
+        f"before/after {report['loadavg_before'][0]:.1f} / {report['loadavg_after'][0]:.1f}; whole run "
+        f"{report['wall_seconds'] / 60:.1f} min.",
         "",
         "| model | parameters | training tokens | held-out loss | held-out ppl | bits/byte | vs scratch |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -391,20 +408,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"{dec['decode_tokens_per_s']['student']:.0f} tok/s ({dec['student_speedup']:.2f}x).",
         "",
         "Goals:",
-        f"- distilled student beats scratch perplexity by >= {GOAL_PPL_GAIN:.0%}: {ok(c['ppl_goal_met'])} "
+        f"- a distilled student beats scratch perplexity by >= {GOAL_PPL_GAIN:.0%}: {ok(c['ppl_goal_met'])} "
         f"(perplexity {c['ppl_gain_online']:.1%} lower online, {c['ppl_gain_cached']:.1%} lower from the cache"
         f"{cached_gap}).",
-        f"- cached distillation <= {GOAL_CACHED_COST}x a plain CE step: {ok(c['cached_cost_goal_met'])} "
-        f"({c['cached_cost']:.2f}x; online {c['online_cost']:.2f}x).",
-        f"- student decodes >= {GOAL_DECODE:.0f}x faster than the teacher: {ok(c['decode_goal_met'])} "
+        f"- a cached distillation step costs <= {GOAL_CACHED_COST}x a plain CE step: "
+        f"{ok(c['cached_cost_goal_met'])} ({c['cached_cost']:.2f}x; online {c['online_cost']:.2f}x).",
+        f"- the student decodes >= {GOAL_DECODE:.0f}x faster than the teacher: {ok(c['decode_goal_met'])} "
         f"({c['decode_speedup']:.2f}x).",
-    ]
-    mass = report["cache"].get("topk_mass", {"mean": math.nan, "median": math.nan, "p10": math.nan})
-    lines += [f"- {note.format(**mass)}" for note in report.get("notes", [])]
-    lines += [
         "",
-        "Rerun: `nice .venv/bin/python bench/distill.py` (writes `bench/results/distill.json`; "
-        "`--report-only` rewrites this section).",
+        "Notes:",
+        *(f"- {note}" for note in notes(report)),
+        "",
+        "Rerun: `nice .venv/bin/python bench/distill.py` (add `--stories DIR` when TinyStories is not in "
+        "../shared/data/tinystories; writes `bench/results/distill.json`; `--report-only` rewrites this section).",
         END,
     ]
     return "\n".join(lines)
@@ -415,17 +431,21 @@ def write_doc(section: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny budgets; writes nothing")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the docstring)")
     parser.add_argument("--keep-teacher", action="store_true", help="reuse the teacher of a previous run")
+    parser.add_argument("--stories", type=Path, default=STORIES, metavar="DIR",
+                        help=f"folder holding {TRAIN_FILE} and {HELDOUT_FILE} (default: ../shared/data/tinystories)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
     args = parser.parse_args()
     if args.report_only:
         report = json.loads(RESULTS.read_text(encoding="utf-8"))
     else:
+        require("distill.py", [args.stories / TRAIN_FILE, args.stories / HELDOUT_FILE], "TinyStories",
+                "--stories DIR")
         work = WORK.with_name("distill-quick") if args.quick else WORK
-        report = run(QUICK if args.quick else FULL, args.threads, args.keep_teacher, work)
+        report = run(QUICK if args.quick else FULL, args.threads, args.keep_teacher, args.stories, work)
     report["checks"] = checks(report)
     print(json.dumps(report["checks"], indent=2))
     if args.quick:

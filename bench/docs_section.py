@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HEADER = "# Benchmarks\n\nMeasured numbers, one section a benchmark.\n"
+HEADER = (
+    "# Benchmarks\n\nWhat each benchmark measures, its goals, whether the recorded run meets them, and how to "
+    "rerun it.\n"
+)
 
 
 def replace_section(doc: Path, begin: str, end: str, section: str) -> None:

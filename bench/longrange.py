@@ -1,11 +1,12 @@
 """Long-range dependencies benchmark: passkey retrieval and MQAR, local/global layers vs all-global.
 
-Per layer pattern it trains one small passkey model and one small MQAR model on the CPU (a shared
-machine: the script lowers its own priority), scores passkey accuracy by length × depth up to 4× the
-training length and MQAR at (256, 16) and (512, 32), and computes KV-cache bytes per token at 2k, 8k
-and 32k context. Results go to bench/results/longrange.json and a section of docs/benchmarks.md.
+Per layer pattern it trains one small passkey model and one small MQAR model on the CPU (the script
+lowers its own priority), scores passkey accuracy by length × depth up to 4× the training length and
+MQAR at (256, 16) and (512, 32), and computes KV-cache bytes per token at 2k, 8k and 32k context. The
+data are generated in code, so no corpus is needed. Results go to bench/results/longrange.json and a
+section of docs/benchmarks.md.
 
-    nice python bench/longrange.py            # ~15-20 min on 2 busy CPUs
+    nice python bench/longrange.py            # every base of --rope-bases, --minutes each
     python bench/longrange.py --report-only   # rewrite the docs section from the JSON
 """
 
@@ -26,25 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "longrange.json"
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- longrange:begin -->", "<!-- longrange:end -->"
-
-
-# Single exploratory runs made while choosing the recipe (same data generators, CPU, batch 16 unless
-# said; not rerun by this script). Kept here so the docs say what did not work, with numbers.
-EXPLORATION = [
-    "3 layers `LLG`, window 32, global base 1e6, init std 0.02, 600 steps: passkey 100% at 128 and 256, "
-    "74% at 2x and 40% at 4x (only needles within about the trained distance of the question were found).",
-    "The same with global base 1e9 (500 steps): 4x 30%; with base 1e30 (500 steps): 2x 92%, 4x 84%. "
-    "A larger base only moves the partly-seen rotary frequency; removing rotation (1e30) is what extrapolates.",
-    "Window 4 instead of 32 (base 1e30, init std 0.1, `LLG`, 600 steps): passkey 100% / 100% / 100% / 90% "
-    "at 0.5x / 1x / 2x / 4x, learned within 150 steps.",
-    "MQAR with window 32 (vocab 128 or 512, 500-800 steps): stuck on the plateau where the model only "
-    "picks one of the values in context (<= 6% at 256/16). 2 layers, vocab 128, 64 tokens, 8 pairs, batch 32: "
-    "window 4 reached 100% after ~200 steps, window 32 stayed at 12.5%.",
-    "Init std 0.02 (the pre-training default) on a tiny MQAR (vocab 32, 4 pairs): 600 steps on the plateau "
-    "(loss = ln 4); init std 0.1: 100% after 125 steps.",
-    "3 layers `LLG` (window 4) on the full MQAR mix: still on the plateau after 600 steps (6% at 256/16), "
-    "with or without a short-rows curriculum; 2 layers `LG` learned it (table above).",
-]
 
 
 def machine() -> dict:
@@ -175,9 +157,10 @@ def write_markdown(report: dict) -> None:
         f"trained on rows of {cfg['min_train_len']}-{train_len} tokens with the needle at a uniform depth; "
         f"{cfg['passkey_samples']} keys per (length, depth) cell, 5 depths. MQAR: vocabulary {cfg['mqar_vocab']}, "
         f"trained on lengths {list(cfg['mqar_train_lengths'])} with 2 to length/8 pairs; {cfg['mqar_samples']} "
-        f"sequences per setting. {m['cpus']} CPUs ({m['cpu']}), {m['torch_threads']} torch thread(s), "
-        f"torch {m['torch']}; load average before/after each base: {loads} (a shared machine). "
-        f"Wall time {report['wall_seconds'] / 60:.1f} min.",
+        "sequences per setting.",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu']}), {m['torch_threads']} torch thread(s), torch {m['torch']}; load "
+        f"average before/after each base: {loads}; wall time {report['wall_seconds'] / 60:.1f} min.",
         "",
         f"Goals: passkey {goals['passkey_train_len']:.0%} at the training length ({train_len}) and "
         f">= {goals['passkey_4x']:.0%} at 4x ({4 * train_len}); MQAR >= {goals['mqar']:.0%} at (256, 16) "
@@ -224,13 +207,11 @@ def write_markdown(report: dict) -> None:
         "",
         *status_lines(report),
         "",
-        "What makes it work: the local layer's tiny window makes the previous-token half of an induction head "
-        "nearly free to learn and identical at any length; the global layer with no effective rotation finds "
-        "the needle or key by content at any distance; all-global layers must learn both from positions they "
-        "only saw up to the training length. Exploratory runs that led there (single runs, not rerun by the "
-        "script):",
-        "",
-        *(f"- {line}" for line in EXPLORATION),
+        "Why the local/global pattern wins: the local layer's tiny window makes the previous-token half of an "
+        "induction head nearly free to learn and identical at any length; the global layer with no effective "
+        "rotation finds the needle or key by content at any distance; all-global layers must learn both from "
+        "positions they only saw up to the training length. How this recipe was found: "
+        "[docs/notes/longrange.md](notes/longrange.md).",
         "",
         f"Rerun: `{report['command']}` (writes `bench/results/longrange.json`; `--report-only` rewrites this "
         "section from it; `--reuse FILE` keeps the runs of a base already measured there). One base through the "

@@ -1,8 +1,8 @@
-"""How much next-sentence signal do TinyStories pairs carry for simple statistics? (issue 4's NSP goal)
+"""How much next-sentence signal do TinyStories pairs carry for simple statistics?
 
-Builds the pairs `flashlm.data.batches.nsp_pairs` makes for training (the test's data: the first
-1,500 TinyStories stories, byte-level BPE of 512 tokens, 5% held out), and fits logistic regressions
-on two kinds of features:
+Builds the pairs `flashlm.data.batches.nsp_pairs` makes for training (the data of the hybrid NSP
+test: the first 1,500 stories of the --stories file, byte-level BPE of 512 tokens, 5% held out), and
+fits logistic regressions on two kinds of features:
 
 - lexical overlap: for several token-frequency cut-offs, the share of B's tokens rarer than the
   cut-off that also occur in A, plus both segment lengths (shared names and objects);
@@ -11,34 +11,35 @@ on two kinds of features:
   often finishes A's word or sentence).
 
 Their held-out accuracies are what each cue is worth, to set against the model's NSP accuracy.
-No neural network, a minute on one core. Results go to bench/results/nsp_ceiling.json.
+No neural network is trained; it runs on one core. Results go to bench/results/nsp_ceiling.json.
 
-    .venv/bin/python bench/nsp_ceiling.py
+    .venv/bin/python bench/nsp_ceiling.py [--stories FILE]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from shared_data import SHARED_DATA, require
 
 REPO = Path(__file__).resolve().parents[1]
-STORIES = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_train_head.txt"
+STORIES = SHARED_DATA / "tinystories" / "tinystories_train_head.txt"
 RESULTS = REPO / "bench" / "results" / "nsp_ceiling.json"
 CUTOFFS = (1e-3, 3e-3, 1e-2, 1.0)  # token frequency in the training split
 SEQ_LEN, DOCS, VOCAB = 128, 1500, 512
 
 
-def build(directory: Path):
+def build(directory: Path, stories: Path):
     from flashlm.data.shards import prepare_shards
     from flashlm.evaluate.masked import open_split
     from flashlm.tokenizer import Tokenizer
 
-    with open(STORIES, encoding="utf-8") as f:
+    with open(stories, encoding="utf-8") as f:
         docs = [line.strip() for line in itertools.islice(f, DOCS) if line.strip()]
     tok = Tokenizer.train(iter(docs), vocab_size=VOCAB, show_progress=False)
     tok.save(directory)
@@ -102,10 +103,14 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, steps: int = 3000, lr: flo
 
 
 def main() -> None:
-    if not STORIES.is_file():
-        sys.exit(f"no TinyStories file at {STORIES}: this benchmark reads ../shared/data")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stories", type=Path, default=STORIES, metavar="FILE",
+                        help="TinyStories text, one story a line (default: "
+                             "../shared/data/tinystories/tinystories_train_head.txt)")
+    args = parser.parse_args()
+    require("nsp_ceiling.py", [args.stories], "TinyStories", "--stories FILE")
     with tempfile.TemporaryDirectory(prefix="flashlm-nsp-ceiling-") as tmp:
-        tok, train, val = build(Path(tmp))
+        tok, train, val = build(Path(tmp), args.stories)
         x, y = pairs(train, 4000, 0)
         xv, yv = pairs(val, 2000, 1)
         ids = np.asarray(train.tokens, dtype=np.int64)

@@ -3,10 +3,9 @@
 For held-out ``<bos> A <sep> B`` pairs, two causal passes give, per token of B, how much A raises its
 log-probability (log p(B_k | A, B_<k) − log p(B_k | B_<k)). A logistic regression fitted on training
 pairs reads these features (B's first token, the first four, the mean, the sum, the lengths) and is
-scored on held-out pairs. Session 14 ran it on the hybrid fixture of tests/test_objectives.py (nano,
-700 steps, shards from tests/train_utils.build_shards) trained before that change (commit 6e9c5b3),
-whose NSP head alone scored 49.4% held out: B's first token gave 74.0%, the first four 70.5%, the
-mean 63.1%, all features 75.6%. That is what led to `FlashLM.junction_evidence`.
+scored on held-out pairs, so it tells whether a model's causal LM already separates true pairs from
+random ones, whatever its NSP head does. It reads a checkpoint and the shards it trained on (no
+public corpus); the figures that motivated `FlashLM.junction_evidence` are in docs/notes/nsp.md.
 
     .venv/bin/python bench/nsp_evidence.py RUN/checkpoints SHARDS_DIR
 """

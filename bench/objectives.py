@@ -1,14 +1,15 @@
-"""Benchmark the pre-training objectives at an equal token budget: causal-only, MLM+NSP-only, the
-hybrid (1 causal : 3 masked steps, masked steps on NSP pairs; also 1 : 1) and MLM-only (the NSP ablation).
+"""Benchmark the pre-training objectives at an equal token budget: causal-only, MLM+NSP-only, hybrids
+of causal and masked steps (masked steps on NSP pairs or on plain windows) and MLM-only (the NSP ablation).
 
 Every variant trains the `tiny` preset (~5M parameters) from the same seed for the same steps ×
-batch × seq_len tokens on TinyStories (the train head of ../shared/data, one *story* a document,
-byte-level BPE of 4096 tokens, 5% of the stories held out), then is evaluated on the held-out
-stories: causal loss over every window, masked-token accuracy (15% masks, fixed), NSP accuracy
-(512 fixed pairs) and training tokens/s. Variants run in `--jobs` processes of `--threads` torch
-threads each. Results go to bench/results/objectives.json and a section of docs/benchmarks.md.
+batch × seq_len tokens on TinyStories (the file given by --stories, by default the train head in
+../shared/data; one *story* a document, byte-level BPE of 4096 tokens, 5% of the stories held out),
+then is evaluated on the held-out stories: causal loss over every window, masked-token accuracy (15%
+masks, fixed), NSP accuracy (512 fixed pairs) and training tokens/s. Variants run in `--jobs`
+processes of `--threads` torch threads each. Results go to bench/results/objectives.json and a section
+of docs/benchmarks.md.
 
-    nice .venv/bin/python bench/objectives.py                 # ~15 minutes on 2 idle cores
+    nice .venv/bin/python bench/objectives.py                 # every variant, --steps 250
     nice .venv/bin/python bench/objectives.py --steps 100 --variants causal hybrid   # quicker look
     nice .venv/bin/python bench/objectives.py --add --jobs 3 --variants causal hybrid_4to1_mlm   # into the JSON
 
@@ -30,9 +31,10 @@ import time
 from pathlib import Path
 
 from docs_section import replace_section
+from shared_data import SHARED_DATA, require
 
 REPO = Path(__file__).resolve().parents[1]
-STORIES = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_train_head.txt"
+STORIES = SHARED_DATA / "tinystories" / "tinystories_train_head.txt"
 RESULTS = REPO / "bench" / "results" / "objectives.json"
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- objectives:begin -->", "<!-- objectives:end -->"
@@ -60,17 +62,17 @@ TITLES = {"causal": "causal only", "mlm_nsp": "MLM + NSP only", "hybrid": "hybri
 
 
 # ---- data -----------------------------------------------------------------------------------------
-def stories() -> list[str]:
+def stories(path: Path) -> list[str]:
     """TinyStories stories: stories end at a single newline, paragraphs inside them at a blank line."""
-    text = STORIES.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
     return [s.replace("\0", "\n\n").strip() for s in text.replace("\n\n", "\0").split("\n") if s.strip()]
 
 
-def prepare(directory: Path, vocab_size: int) -> dict:
+def prepare(directory: Path, vocab_size: int, source: Path) -> dict:
     from flashlm.data.shards import prepare_shards
     from flashlm.tokenizer import Tokenizer
 
-    docs = stories()
+    docs = stories(source)
     tok = Tokenizer.train(iter(docs), vocab_size=vocab_size, show_progress=False)
     tok.save(directory)
     return prepare_shards(iter(docs), tok, directory, val_fraction=0.05, workers=1, progress=False)
@@ -175,6 +177,7 @@ def checks(runs: dict) -> dict:
 def write_markdown(report: dict) -> None:
     s, m, c, runs = report["settings"], report["machine"], report["checks"], report["runs"]
     budget = s["steps"] * s["batch_size"] * s["seq_len"]
+    met = lambda flag: "met" if flag else "NOT met"
     lines = [
         BEGIN,
         "## Objectives: causal vs MLM+NSP vs hybrid (`bench/objectives.py`)",
@@ -184,11 +187,16 @@ def write_markdown(report: dict) -> None:
         f"held out) for an equal budget of {budget:,} tokens each ({s['steps']} steps × {s['batch_size']} × "
         f"{s['seq_len']}, lr {s['lr']}, warmup + cosine). Masking 30% → 15%, spans of 1-3, masked next-token "
         f"prediction. Held-out: causal loss over every window, masked-token accuracy at 15% (unigram baseline "
-        f"in brackets), NSP accuracy on 512 fixed pairs (chance 50%). {m['cpus']} CPUs ({m['cpu']}), torch "
-        f"{m['torch']}, {s['jobs']} variants at a time with {s['threads']} thread(s) each; load average "
-        f"before/after {report['loadavg_before']} / {report['loadavg_after']}. Tokens/s: *alone* is the median "
-        f"logged rate of a short run of each variant, one after the other (the fair comparison); *in the run* "
-        "is tokens over wall time of the benchmark run, with variants side by side on a shared machine.",
+        f"in brackets), NSP accuracy on 512 fixed pairs (chance 50%). Tokens/s: *alone* is the median logged "
+        "rate of a short run of each variant, one after the other (the fair comparison); *in the run* is tokens "
+        "over wall time of the benchmark run, with variants side by side.",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}; {s['jobs']} variant(s) at a time with "
+        f"{s['threads']} torch thread(s) each; load average before/after {report['loadavg_before']} / "
+        f"{report['loadavg_after']}.",
+        "",
+        f"Goals, for each hybrid: held-out causal loss at most {GOAL_CAUSAL_REL:.0%} above causal-only, and "
+        f"masked-token accuracy within {GOAL_MLM_POINTS:g} points of the best masked-only variant.",
         "",
         "| variant | held-out causal loss | MLM accuracy (unigram) | NSP accuracy | train tokens/s alone | "
         "tokens/s in the run |",
@@ -203,28 +211,28 @@ def write_markdown(report: dict) -> None:
     for hybrid, goals in ((k, v) for k, v in c.items() if k.startswith("hybrid")):
         parts = []
         if "causal_loss_vs_causal" in goals:
-            parts.append(f"causal loss {100 * goals['causal_loss_vs_causal']:+.1f}% vs causal-only (goal ≤ +5%: "
-                         f"{'met' if goals['causal_goal_met'] else 'NOT met'})")
+            parts.append(f"causal loss {100 * goals['causal_loss_vs_causal']:+.1f}% vs causal-only "
+                         f"({met(goals['causal_goal_met'])})")
         if "mlm_points_below_best_masked" in goals:
             parts.append(f"MLM accuracy {-goals['mlm_points_below_best_masked']:+.1f} points vs "
-                         f"{TITLES[goals['mlm_reference']]} (goal within 2: "
-                         f"{'met' if goals['mlm_goal_met'] else 'NOT met'})")
+                         f"{TITLES[goals['mlm_reference']]} ({met(goals['mlm_goal_met'])})")
         title = TITLES[hybrid]
         notes.append(f"{title[0].upper()}{title[1:]}: {'; '.join(parts)}.")
     if "nsp_effect_on_mlm_points" in c:
         notes.append(f"NSP's effect on MLM accuracy (MLM+NSP minus MLM-only): {c['nsp_effect_on_mlm_points']:+.1f} "
                      "points.")
     for added in report.get("added", []):
+        check = (f"{', '.join(TITLES[n] for n in added['checked'])}, trained alongside as a check, reproduced its "
+                 "stored figures bit for bit" if added["checked"] else "no stored variant was retrained as a check")
         notes.append(f"Added later with `--add` ({added['jobs']} at a time, so their *in the run* tokens/s are "
-                     f"lower): {', '.join(TITLES[n] for n in added['variants'])}; trained alongside as a check, "
-                     f"{', '.join(TITLES[n] for n in added['checked']) or 'nothing'} reproduced its stored figures "
-                     "bit for bit.")
-    lines += ["", " ".join(notes), ""] if notes else [""]
+                     f"lower): {', '.join(TITLES[n] for n in added['variants'])}; {check}.")
+    lines += ["", *(f"- {note}" for note in notes), ""] if notes else [""]
     for paragraph in report.get("commentary", []):
         lines += [paragraph, ""]
     also = "".join(f", then `{added['command']}`" for added in report.get("added", []))
-    lines += [f"Rerun: `{report['command']}`{also} (writes `bench/results/objectives.json`; `--report-only` "
-              "rewrites this section from it).", END]
+    lines += [f"Rerun: `{report['command']}`{also} (add `--stories FILE` when TinyStories is not in "
+              "../shared/data/tinystories; writes `bench/results/objectives.json`; `--report-only` rewrites this "
+              "section from it).", END]
     section = "\n".join(lines)
     replace_section(DOC, BEGIN, END, section)
 
@@ -257,7 +265,7 @@ def measure_speed(names: list[str], data: Path, tmp: Path, settings: dict) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -273,17 +281,22 @@ def main() -> None:
                         "path than the default leaves docs/benchmarks.md alone: for side studies)")
     parser.add_argument("--add", action="store_true", help="train --variants with the JSON's settings and merge "
                         "them into it (a rerun variant must reproduce its stored figures)")
+    parser.add_argument("--stories", type=Path, default=STORIES, metavar="FILE",
+                        help="TinyStories text, one story a line (default: "
+                             "../shared/data/tinystories/tinystories_train_head.txt)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         name, data, out, settings = args.child
         print("RESULT " + json.dumps(run_variant(name, data, out, json.loads(settings))), flush=True)
         return
+    if not args.report_only:
+        require("objectives.py", [args.stories], "TinyStories", "--stories FILE")
     if args.speed_only:
         report = json.loads(RESULTS.read_text(encoding="utf-8"))
         settings = {**report["settings"], "speed_steps": args.speed_steps}
         with tempfile.TemporaryDirectory(prefix="flashlm-bench-objectives-") as tmp:
-            prepare(Path(tmp) / "shards", settings["vocab_size"])
+            prepare(Path(tmp) / "shards", settings["vocab_size"], args.stories)
             speeds = measure_speed(list(report["runs"]), Path(tmp) / "shards", Path(tmp), settings)
         for name, speed in speeds.items():
             report["runs"][name]["isolated_tokens_per_s"] = speed
@@ -293,7 +306,7 @@ def main() -> None:
     if args.report_only:
         return save_report(json.loads(RESULTS.read_text(encoding="utf-8")))
     if args.add:
-        return add_variants(list(args.variants), args.jobs)
+        return add_variants(list(args.variants), args.jobs, args.stories)
     settings = {"steps": args.steps, "speed_steps": args.speed_steps, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "lr": args.lr,
                 "vocab_size": args.vocab_size, "threads": args.threads, "jobs": args.jobs}
@@ -302,7 +315,7 @@ def main() -> None:
     runs: dict = {}
     with tempfile.TemporaryDirectory(prefix="flashlm-bench-objectives-") as tmp:
         data = Path(tmp) / "shards"
-        meta = prepare(data, args.vocab_size)
+        meta = prepare(data, args.vocab_size, args.stories)
         runs = run_children(list(args.variants), data, Path(tmp), settings, args.jobs)
         for name, speed in measure_speed(list(args.variants), data, Path(tmp), settings).items():
             runs[name]["isolated_tokens_per_s"] = speed
@@ -329,7 +342,7 @@ def main() -> None:
     print(json.dumps(report["checks"], indent=2))
 
 
-def add_variants(names: list[str], jobs: int) -> None:
+def add_variants(names: list[str], jobs: int, source: Path) -> None:
     """Train `names` with the stored settings and merge them into the JSON (see the module docstring)."""
     report = json.loads(RESULTS.read_text(encoding="utf-8"))
     settings = {k: v for k, v in report["settings"].items() if k not in ("masking", "train_tokens_per_variant",
@@ -340,7 +353,7 @@ def add_variants(names: list[str], jobs: int) -> None:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flashlm-bench-objectives-") as tmp:
         data = Path(tmp) / "shards"
-        prepare(data, settings["vocab_size"])
+        prepare(data, settings["vocab_size"], source)
         runs = run_children(names, data, Path(tmp), settings, jobs)
         for name, speed in measure_speed(names, data, Path(tmp), settings).items():
             runs[name]["isolated_tokens_per_s"] = speed
