@@ -25,8 +25,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The short benchmarks run here; the long ones (a quarter of an hour to an hour each) are listed with the
+# command that runs each. docs/benchmarks.md holds every current figure and its goal.
 bench: $(STAMP)
-	$(BIN)/python bench/data_prepare.py
+	$(BIN)/python bench/nsp_ceiling.py
+	$(BIN)/python bench/data_prepare.py --workers 1 2
+	@echo "Long benchmarks, one at a time (each writes bench/results/ and its docs/benchmarks.md section):"
+	@echo "  $(BIN)/python bench/distill.py                    # ~20 min"
+	@echo "  $(BIN)/python bench/longrange.py --minutes 16     # ~30 min"
+	@echo "  $(BIN)/python bench/objectives.py --steps 500     # ~30 min a batch of variants"
+	@echo "  $(BIN)/flashlm eval translate --minutes 30 --beam 4 --threads 2 --out bench/results \\"
+	@echo "      --train-src D/train.en.gz --train-tgt D/train.de.gz --eval-src D/val.en.gz --eval-tgt D/val.de.gz  # ~35 min, D: Multi30k"
+	@echo "  OMP_NUM_THREADS=1 $(BIN)/flashlm eval babi --per-task --jobs 2 --threads 2 --minutes 56 --out bench/results  # ~1 h"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -382,7 +382,7 @@ def eval_all(
     tasks: Annotated[str | None, typer.Option(
         help="Comma-separated subset of ppl,cloze,efficiency,longrange,babi,squad,translate.")] = None,
     threads: Annotated[int | None, typer.Option(
-        help="CPU threads for torch (default: 1 with --quick, where a busy machine made 2 far slower).")] = None,
+        help="CPU threads for torch (default: 1 with --quick: its small models gain nothing from more).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
     """Every task that applies to MODEL (fine-tuned tasks on copies of it), then report.md with plots."""
@@ -403,7 +403,7 @@ StepsOpt = Annotated[int | None, typer.Option(help="At most this many optimizer 
 BatchOpt = Annotated[int | None, typer.Option(help="Examples per step (default: the task's).")]
 LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate (default: the task's).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for the model, tokenizer and shuffling.")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (1 is best on a busy machine).")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (1 suits small models and shared CPUs).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]
 OutOpt = Annotated[Path, typer.Option(help="Results directory.")]
 SaveOpt = Annotated[Path | None, typer.Option(help="Keep the fine-tuned model (and tokenizer) here.")]

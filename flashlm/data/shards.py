@@ -76,8 +76,8 @@ def prepare_shards(
     """Tokenize ``inputs`` (anything `iter_documents` reads) into shards in ``out_dir``; return the meta.
 
     ``workers``: tokenizing processes; 1 tokenizes in this process (with `tokenizers`' threads).
-    None picks 1 on machines with at most 2 CPUs (measured as fast as 2 processes there, at half the
-    memory; see bench/data_prepare.py) and ``min(cpus, 8)`` processes above.
+    None picks 1 on machines with at most 2 CPUs (there `tokenizers`' own threads keep up with worker
+    processes, at a fraction of the memory; see docs/benchmarks.md) and ``min(cpus, 8)`` processes above.
     """
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     _check_args(tok, val_fraction, workers, chunk_docs)

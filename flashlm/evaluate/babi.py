@@ -23,8 +23,8 @@ With ``augment`` (the default), every training batch renames the people, places,
 colours and shapes of its stories: one random permutation of each entity class, applied to story,
 question and answer alike, and rewords each statement with a random one of bAbI's synonymous verbs
 ("went", "moved", "journeyed", ...; "got", "took", ...). Renaming alone leaves each story's sequence of
-verbs and phrasings as a fingerprint the model memorises (qa14: 89% on the training questions, 65% on
-test); with rewording the two agree and the time goes into the rule.
+verbs and phrasings as a fingerprint the model memorises (its accuracy on the training questions then
+runs far ahead of test; see docs/notes/babi.md); with rewording the two agree and the time goes into the rule.
 The renamed question is as correct as the original (bAbI states every fact it asks about), so a
 1k training set yields a fresh story at every step and the model cannot memorise who went where;
 task 20 keeps its places and objects, whose meaning it asks about (hungry → kitchen). Task 19 (path
@@ -69,9 +69,9 @@ DATA_SUBDIR = "shared/data/babi-en-1k"
 
 # From scratch over a word-level BPE vocabulary: the long-range recipe (flashlm.evaluate.longrange),
 # a local layer with a 6-token window (a sentence: it binds each place to its subject) under a global
-# layer with an effectively infinite RoPE base (content lookup), init_std 0.1. Measured on qa1 alone,
-# 3 min on one thread: 66-88% test over three runs, against 51.8% for the previous 4-layer all-global
-# model, which only ever answered with the last place named; deeper (3-4 layers) sat on that plateau.
+# layer with an effectively infinite RoPE base (content lookup), init_std 0.1. All-global models, and
+# deeper ones, sit on a plateau where they only ever answer with the last place named; this layout learns
+# the binding instead (see docs/notes/babi.md).
 DEFAULT_MODEL = ModelConfig(
     vocab_size=512,
     d_model=128,
@@ -112,15 +112,14 @@ _VERB_CLASS = {verb: names for names in VERB_SYNONYMS for verb in names}
 # Longest first, so "went back" wins over "went"; "left of" (qa17, qa19) is a place, not a verb.
 _VERB = re.compile(r"\b(" + "|".join(sorted(_VERB_CLASS, key=len, reverse=True)) + r")\b(?! of)", re.IGNORECASE)
 # With per_task: tasks that share one model, trained on their union with their time pooled. qa2 and
-# qa3 track the same people and objects: 10 min on both gave 81.8% / 63.3%, against 63% / 43% alone.
+# qa3 track the same people and objects, so one model learns both from their joint data and pooled time
+# (see docs/notes/babi.md).
 TASK_GROUPS = ((2, 3),)
 # Per task on several workers, the order the models start in. Tasks that converge and stop early go
 # first, so the time they leave unused flows to the models after them (`next_budget`); those that train
-# to the end of their budget go last, so no worker idles long before the deadline. From the 88.6% run in
-# task order (minutes used of the budget): qa20 1.4 of 10.0, qa15 1.7, qa4 1.8, qa1 2.5, qa6 2.7, qa9 3.8,
-# qa12 4.2, qa5 5.0, qa18 5.2 of 7.6, and ~8 worker-minutes idle at the end. In this order (session 11,
-# --minutes 57) the qa2/qa3 model trained 15.7 min (10.8 before) and the full-budget tasks 7.3-7.9 (5.6-7.6);
-# the last one, qa16 (47-49% whether it trains 5 or 10 minutes), gets what is left before the deadline.
+# to the end of their budget go last, so no worker idles long before the deadline, and the shared qa2/qa3
+# model and the full-budget tasks train longer than in task order. The last one, qa16, gains little from
+# more time, so it gets what is left before the deadline (see docs/notes/babi.md).
 SCHEDULE = (20, 15, 4, 1, 6, 9, 12, 5, 18, 11, 10, 7, 8, 13, 19, 2, 3, 17, 14, 16)
 KEEP_PLACES_AND_OBJECTS = frozenset({20})  # qa20 asks why someone went somewhere / took something
 ANSWER_MARK = "="  # with supporting facts: the answer follows it
@@ -383,10 +382,9 @@ def reword(q: Question, rng: np.random.Generator) -> Question:
 def travel_chain(statements: Sequence[str], question: str) -> list[str]:
     """qa19's supporting statements as a walk from where the route starts, each restated (as its
     converse where needed) as "from the HERE the NEXT is DIRECTION.", so the answer is the directions
-    in order. Both places sit just before the direction: the model writes it with both in view (5 min
-    on qa19, ~2,400 steps: 33-35% test, against 9.5% copying the statements, 10.9% as "the NEXT is
-    DIRECTION of the HERE"; 99% in the full per-task run, 2,720 steps). Statements that do not form
-    such a walk are left as they are."""
+    in order. Both places sit just before the direction: the model writes it with both in view, and
+    learns it far sooner than from the statements copied or stated as "the NEXT is DIRECTION of the
+    HERE" (see docs/notes/babi.md). Statements that do not form such a walk are left as they are."""
     route = _ROUTE.search(question)
     walk = PATHS.walk(statements, route.group(1).lower() if route else None)
     if walk is None:
@@ -416,8 +414,8 @@ def restated(task: int, step: tuple[str, str, str]) -> str:
 def turn_map(q: Question, rng: np.random.Generator) -> Question:
     """qa19's `q` with its compass turned by a random quarter-turn and mirrored at random (in story and
     answer alike), and each statement stated as its converse at random ("the kitchen is north of the
-    office" ≡ "the office is south of the kitchen"). qa17's compass took the same treatment in
-    experiments and lost by it: 58.6-59.8% against 61-64% (5 min), and 62.2% against 66.1% with its chain."""
+    office" ≡ "the office is south of the kitchen"). qa17 does not get it: the same treatment of its
+    relations lowered its accuracy, with and without its chain (see docs/notes/babi.md)."""
     turn, mirror = int(rng.integers(4)), bool(rng.integers(2))
     story = []
     for text in q.story:
@@ -463,7 +461,7 @@ class ChainGrammar:
     """What a supporting-fact chain may say: whole statements of its story (token ids, each as the
     target spells it), at least one and in any order, then `ANSWER_MARK`, after which anything goes.
     (Without "at least one", beam search fills up with short "= yes" / "= no" guesses that finish
-    before any real chain does: qa6, 3-min model, 243 of 300 right against 284 greedy.)
+    before any real chain does, and beam search then answers worse than greedy decoding.)
 
     `allowed` walks a token trie; it is the constraint of `predict`'s statement-copying decoding,
     the memory-selection of a memory network put as a decoding rule: the model still chooses which

@@ -352,15 +352,16 @@ class LongRangeConfig:
 
     The first pattern is the default local/global layout (Gemma's 5:1 "LLLLLG" needs 6 layers; these
     models have 2, so "LG": a local layer, then a global one), compared with all-global "G". What makes
-    the local/global models learn fast and extrapolate (measured, see docs/benchmarks.md):
+    the local/global models learn fast and extrapolate (figures in docs/benchmarks.md, the attempts that
+    led here in docs/notes/longrange.md):
 
     - a very small window (4): a local layer can then only look at the last few tokens, so the
       previous-token step of an induction head is nearly free to learn, and it behaves identically at
-      any length; with a window of 32 (or all-global layers) MQAR sat on its plateau for 600+ steps;
+      any length; with a window of 32 (or all-global layers) MQAR stays on its plateau far longer;
     - global layers with an effectively infinite RoPE base (1e30: every rotary frequency but the first
       turns by < 0.2 rad over 1k tokens, i.e. almost NoPE, as Llama 4's iRoPE global layers): content
-      lookup then does not depend on distance: passkey 100% at 4x the training length, against 42%
-      with the model default base 1e6 (and MQAR at 2x the training length 100% against 98.4%);
+      lookup then does not depend on distance, so passkey and MQAR hold up well beyond the training
+      length, where the model default base 1e6 loses needles outside the distances it was trained on;
     - init_std 0.1 instead of 0.02: the plateau before induction forms is much shorter;
     - training rows of varied lengths up to `train_len`, needle at a uniform depth.
 
@@ -368,7 +369,7 @@ class LongRangeConfig:
     """
 
     patterns: tuple[str, ...] = ("LG", "G")
-    n_layers: int = 2  # 3 ("LLG") learned passkey as well but sat on the MQAR plateau for 600 steps
+    n_layers: int = 2  # 3 ("LLG") learns passkey as well but stays on the MQAR plateau far longer
     d_model: int = 64
     n_heads: int = 4
     n_kv_heads: int = 2
@@ -384,7 +385,7 @@ class LongRangeConfig:
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     passkey_samples: int = 10
     # MQAR: trained on `mqar_train_lengths` with up to length/8 pairs
-    mqar_vocab: int = 128  # keys 1-63, values 64-127 (Zoology uses 8192; 512 did not learn in 500 steps here)
+    mqar_vocab: int = 128  # keys 1-63, values 64-127 (Zoology uses 8192; larger ones learn too slowly here)
     mqar_train_lengths: tuple[int, ...] = (64, 128, 256)
     mqar_pairs_ratio: float = 1 / 8
     mqar_steps: int = 600
@@ -399,7 +400,7 @@ class LongRangeConfig:
     seed: int = 0
     progress: bool = False
     # torch CPU threads while training/scoring (restored after): these models are too small to gain
-    # from more, and on a busy 2-CPU machine 2 threads ran 20x slower than 1; None keeps the setting
+    # from more, and extra threads contend with other work on small machines; None keeps the setting
     threads: int | None = 1
 
     @classmethod

@@ -460,8 +460,8 @@ def evaluate_all(
     task uses its own defaults (`minutes`, when given, is still shared). Tasks that cannot run (no
     data, no command) are listed in the report; the loss curves come from a `metrics.jsonl` in or
     above `model_dir` when there is one. `threads` sets torch's CPU threads for the whole run (quick
-    default: 1, since on a busy 2-CPU machine two threads ran the small models 20x slower); the
-    previous setting is restored at the end.
+    default: 1, since the small models gain nothing from more and extra threads contend for a shared
+    CPU); the previous setting is restored at the end.
     """
     import torch
 

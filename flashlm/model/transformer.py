@@ -190,8 +190,8 @@ class FlashLM(nn.Module):
         log p(B₁ | <bos>), per ``<bos> A <sep> B`` row [B]. One causal pass over the A side.
 
         A [CLS]-style head learns next-sentence prediction only from cues it must discover itself; the
-        model's own left-to-right LM already knows whether B's start continues A (on TinyStories a nano
-        hybrid's LM separates 74% of held-out pairs by this alone, while its head sits at chance)."""
+        model's own left-to-right LM already knows whether B's start continues A, so this evidence tells true
+        from random B where the head alone does not learn to (see docs/notes/nsp.md)."""
         rows = torch.arange(pair_ids.shape[0], device=pair_ids.device)
         hidden = self(pair_ids[:, : int(sep_pos.max())], mode="causal", compute_logits=False).hidden
         first_of_b = pair_ids[rows, sep_pos + 1]
