@@ -227,7 +227,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, data: list[str
         m.results.update(score(m.results["checkpoint"], shards, held_out))
     notes = verdicts(teacher, distilled, scratch)
     texts = samples(teacher.results["checkpoint"], seed)
-    console.print(comparison_table(models))
+    console.print(comparison_table(models), width=max(console.width, 130))
     for line in notes:
         console.print(f"  {line}")
     for t in texts:
