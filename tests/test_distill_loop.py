@@ -30,11 +30,12 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(shards, tmp_path_factory):
-    """A nano model pre-trained for a few steps: a FlashLM checkpoint with the shards' tokenizer."""
+    """A nano model pre-trained for a few steps, named by its run's `latest` link (a checkpoint with the
+    shards' tokenizer)."""
     out = tmp_path_factory.mktemp("teacher")
-    summary = train(tiny_config(shards, out, "train.steps=25", "train.batch_size=8", "train.save_every=25",
-                                "train.eval_every=25", "train.lr=1e-2"))
-    return summary["checkpoint"]
+    train(tiny_config(shards, out, "train.steps=25", "train.batch_size=8", "train.save_every=25",
+                      "train.eval_every=25", "train.lr=1e-2"))
+    return str(out / "latest")
 
 
 def kd_values(summary: dict) -> list[float]:
