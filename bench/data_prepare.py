@@ -17,7 +17,6 @@ import contextlib
 import gzip
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -167,19 +166,11 @@ def machine() -> dict:
     import numpy
     import tokenizers
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from flashlm.hardware import machine_info
+
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "cpus": cpus,
-        "memory_gib": round(mem, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tokenizers": tokenizers.__version__,
-        "numpy": numpy.__version__,
-    }
+    return {**machine_info(), "memory_gib": round(mem, 1), "tokenizers": tokenizers.__version__,
+            "numpy": numpy.__version__}
 
 
 def checks(report: dict) -> dict:
@@ -211,6 +202,8 @@ def checks(report: dict) -> dict:
 
 
 def write_markdown(report: dict) -> None:
+    from flashlm.hardware import describe
+
     m, rows, c = report["machine"], report["runs"], report["checks"]
     met = lambda flag: "met" if flag else "NOT met"
     lines = [
@@ -221,7 +214,7 @@ def write_markdown(report: dict) -> None:
         "prepare` on real text (TinyStories, Tiny Shakespeare, Multi30k en+de; one document a line) repeated "
         f"to each size, byte-level BPE with {report['settings']['vocab_size']} tokens.",
         "",
-        f"Machine: {m['cpus']} CPUs ({m['cpu']}); workers 1 tokenizes in the process with `tokenizers`' own "
+        f"Machine: {describe(m)}; workers 1 tokenizes in the process with `tokenizers`' own "
         "threads (the default on <= 2 CPUs), 2 uses two worker processes; "
         f"tokenizers {m['tokenizers']}, Python {m['python']}; load average before/after "
         f"{report['loadavg_before']} / {report['loadavg_after']}.",

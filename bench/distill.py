@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -237,6 +236,7 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, stories: Path, 
     import torch
 
     from flashlm.config import ModelConfig, count_parameters
+    from flashlm.hardware import machine_info
     from flashlm.train.distill import cache_teacher
 
     torch.set_num_threads(threads)
@@ -305,8 +305,7 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, stories: Path, 
     t_params, s_params = (count_parameters(ModelConfig(**c)) for c in (TEACHER, STUDENT))
     return {
         "benchmark": "distill", "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpus": os.cpu_count(), "cpu": _cpu_name(), "torch": torch.__version__,
-                    "python": platform.python_version(), "threads": threads},
+        "machine": {**machine_info(), "threads": threads},
         "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
         "wall_seconds": time.perf_counter() - began,
         "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()} | {"heldout_tokens": n_held},
@@ -316,16 +315,6 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, stories: Path, 
         "teacher": teacher, "cache": cache_info, "students": results, "heldout": heldout,
         "step_cost": costs, "decode": decode,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -355,6 +344,8 @@ def notes(report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    from flashlm.hardware import describe
+
     c, m, held = report["checks"], report["machine"], report["heldout"]
     t, s, sizes = report["models"]["teacher"], report["models"]["student"], report["sizes"]
     cost, dec, st = report["step_cost"], report["decode"], report["students"]
@@ -380,7 +371,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"(stride {report['cache'].get('stride', sizes['seq_len'])}, {report['cache']['bytes_per_token']} "
         f"bytes/token, {report['cache']['megabytes']:.0f} MB, built in {report['cache']['seconds']:.0f} s).",
         "",
-        f"Machine: {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']} on {m['threads']} thread(s); load average "
+        f"Machine: {describe(m)}; torch {m['torch']} on {m['threads']} thread(s) per model; load average "
         f"before/after {report['loadavg_before'][0]:.1f} / {report['loadavg_after'][0]:.1f}; whole run "
         f"{report['wall_seconds'] / 60:.1f} min.",
         "",

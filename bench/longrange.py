@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, replace
@@ -30,17 +29,9 @@ BEGIN, END = "<!-- longrange:begin -->", "<!-- longrange:end -->"
 
 
 def machine() -> dict:
-    import torch
+    from flashlm.hardware import machine_info
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    return machine_info()
 
 
 def run_one(args: argparse.Namespace, base: float) -> dict:
@@ -138,6 +129,8 @@ def _pct(value: float | None) -> str:
 
 
 def write_markdown(report: dict) -> None:
+    from flashlm.hardware import describe
+
     runs, m = report["runs"], report["machine"]
     first = runs[0]
     r, cfg = first["results"], first["config"]
@@ -159,7 +152,7 @@ def write_markdown(report: dict) -> None:
         f"trained on lengths {list(cfg['mqar_train_lengths'])} with 2 to length/8 pairs; {cfg['mqar_samples']} "
         "sequences per setting.",
         "",
-        f"Machine: {m['cpus']} CPUs ({m['cpu']}), {m['torch_threads']} torch thread(s), torch {m['torch']}; load "
+        f"Machine: {describe(m)}; {m['torch_threads']} torch thread(s), torch {m['torch']}; load "
         f"average before/after each base: {loads}; wall time {report['wall_seconds'] / 60:.1f} min.",
         "",
         f"Goals: passkey {goals['passkey_train_len']:.0%} at the training length ({train_len}) and "

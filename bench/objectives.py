@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -144,13 +143,9 @@ def run_variant(name: str, data: str, out: str, settings: dict) -> dict:
 
 # ---- reporting ------------------------------------------------------------------------------------
 def machine() -> dict:
-    import torch
+    from flashlm.hardware import machine_info
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": models[0] if models else platform.processor(), "cpus": cpus, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return machine_info()
 
 
 def checks(runs: dict) -> dict:
@@ -175,6 +170,8 @@ def checks(runs: dict) -> dict:
 
 
 def write_markdown(report: dict) -> None:
+    from flashlm.hardware import describe
+
     s, m, c, runs = report["settings"], report["machine"], report["checks"], report["runs"]
     budget = s["steps"] * s["batch_size"] * s["seq_len"]
     met = lambda flag: "met" if flag else "NOT met"
@@ -191,7 +188,7 @@ def write_markdown(report: dict) -> None:
         "rate of a short run of each variant, one after the other (the fair comparison); *in the run* is tokens "
         "over wall time of the benchmark run, with variants side by side.",
         "",
-        f"Machine: {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}; {s['jobs']} variant(s) at a time with "
+        f"Machine: {describe(m)}, torch {m['torch']}; {s['jobs']} variant(s) at a time with "
         f"{s['threads']} torch thread(s) each; load average before/after {report['loadavg_before']} / "
         f"{report['loadavg_after']}.",
         "",

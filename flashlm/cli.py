@@ -26,6 +26,17 @@ app.add_typer(import_app, name="import")
 app.add_typer(export_app, name="export")
 
 console = Console(stderr=True)
+INFERENCE_PRECISION = ("auto (bf16 weights on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16 "
+                       "(much slower on CPUs without native bf16).")
+
+
+def _precision(value: str) -> str:
+    from flashlm.errors import ConfigError
+    from flashlm.hardware import PRECISIONS
+
+    if value not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return value
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -95,14 +106,16 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string; repeatable.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible samples.")] = None,
     prefix_lm: Annotated[bool, typer.Option(help="Attend bidirectionally over the prompt.")] = False,
+    precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
 ) -> None:
     """Generate text from a model, streaming tokens to the terminal."""
     from flashlm.generate import Sampling, stream
     from flashlm.generate import generate as generate_batch
+    from flashlm.hardware import dtype_of, resolve_precision
     from flashlm.model.transformer import FlashLM
     from flashlm.tokenizer import Tokenizer
 
-    model = FlashLM.from_pretrained(model_dir)
+    model = FlashLM.from_pretrained(model_dir, dtype=dtype_of(resolve_precision(_precision(precision), "cpu")))
     tokenizer = Tokenizer.load(model_dir)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
@@ -299,22 +312,28 @@ def eval_efficiency(
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Generated tokens.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
 ) -> None:
     """Parameters, FLOPs per token, prefill/decode speed, latency, peak memory and KV-cache size."""
     from flashlm.config import PRESETS, get_preset
     from flashlm.evaluate.efficiency import efficiency
     from flashlm.evaluate.report import write_result
+    from flashlm.hardware import describe, dtype_of, resolve_precision
     from flashlm.model.transformer import FlashLM
 
     if model in PRESETS and not Path(model).is_dir():
         net = FlashLM(get_preset(model)).eval()
     else:
         net, _ = _eval_load(Path(model), device, tokenizer=False)
+    run_on = _eval_device(device)
+    net = net.to(dtype_of(resolve_precision(_precision(precision), run_on)))
     sizes = tuple(batch_size or (1, 8))
-    results = efficiency(net, sizes, prompt_len, new_tokens, _eval_device(device))
-    settings = {"batch_sizes": list(sizes), "prompt_len": results["prompt_len"], "new_tokens": new_tokens}
+    results = efficiency(net, sizes, prompt_len, new_tokens, run_on)
+    settings = {"batch_sizes": list(sizes), "prompt_len": results["prompt_len"], "new_tokens": new_tokens,
+                "precision": results["precision"]}
     path = write_result(out, "efficiency", results, model=model, seed=0, settings=settings)
+    typer.echo(f"{results['precision']} on {describe(results['machine'])}")
     for run in results["runs"]:
         typer.echo(f"batch {run['batch_size']}: prefill {run['prefill_tokens_per_s']:.0f} tok/s, decode "
                    f"{run['decode_tokens_per_s']:.0f} tok/s, first token {1000 * run['ttft_s']:.1f} ms, "
@@ -407,7 +426,8 @@ ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (1 s
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]
 OutOpt = Annotated[Path, typer.Option(help="Results directory.")]
 SaveOpt = Annotated[Path | None, typer.Option(help="Keep the fine-tuned model (and tokenizer) here.")]
-PrecisionOpt = Annotated[str, typer.Option(help="Training precision: fp32, or bf16 autocast (fast on AMX CPUs).")]
+PrecisionOpt = Annotated[str, typer.Option(
+    help="Training precision: auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")]
 ClockOpt = Annotated[str, typer.Option(help="What --minutes counts: wall time, or this process's cpu time.")]
 
 
@@ -426,7 +446,7 @@ def _ft_setup(model_dir: Path | None, preset: str | None, device: str, threads: 
     return (None, None), cfg
 
 
-def _ft_config(base, minutes, epochs, max_steps, batch_size, lr, seed, precision="fp32", clock="wall"):
+def _ft_config(base, minutes, epochs, max_steps, batch_size, lr, seed, precision="auto", clock="wall"):
     """The task's FinetuneConfig with the options given on the command line."""
     import dataclasses
 
@@ -468,7 +488,7 @@ def eval_babi(
     lr: LrOpt = None,
     train_limit: Annotated[int | None, typer.Option(help="Training questions per task (subset).")] = None,
     test_limit: Annotated[int | None, typer.Option(help="Test questions per task (subset).")] = None,
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = "auto",
     clock: ClockOpt = "wall",
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
@@ -524,7 +544,7 @@ def eval_squad(
     max_steps: StepsOpt = None,
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = "auto",
     clock: ClockOpt = "wall",
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
@@ -570,7 +590,7 @@ def eval_translate(
     lr: LrOpt = None,
     train_limit: Annotated[int | None, typer.Option(help="Use only the first N training pairs.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Use only the first N evaluation pairs.")] = None,
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = "auto",
     clock: ClockOpt = "wall",
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
@@ -686,13 +706,15 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web playground (/)."""
     from flashlm.serve.app import serve as run_server
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can use the model")
-    run_server(model_dir, host=host, port=port, device=device, log_level=log_level)
+    run_server(model_dir, host=host, port=port, device=device, log_level=log_level,
+               precision=_precision(precision))
 
 
 @app.command()
@@ -706,12 +728,13 @@ def chat(
     repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
 ) -> None:
     """Chat in the terminal: one message a line ("User: …\\nAssistant:" template); /reset, /exit or EOF."""
     from flashlm.generate import Sampling
     from flashlm.serve.engine import Engine, chat_repl
 
-    engine = Engine.load(model_dir, device=device)
+    engine = Engine.load(model_dir, device=device, precision=_precision(precision))
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, seed=seed)
     interactive = sys.stdin.isatty()

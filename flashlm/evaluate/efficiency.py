@@ -31,6 +31,7 @@ from flashlm.config import ModelConfig
 from flashlm.errors import ConfigError
 from flashlm.evaluate.longrange import kv_cache_comparison
 from flashlm.generate import Sampling, generate_tokens
+from flashlm.hardware import machine_info
 from flashlm.model.cache import KVCache
 
 
@@ -187,6 +188,8 @@ def efficiency(
     return {
         "device": str(first.device),
         "dtype": str(first.dtype).replace("torch.", ""),
+        "precision": "bf16" if first.dtype == torch.bfloat16 else "fp32",
+        "machine": machine_info(),
         "parameters": {
             "total": total,
             "non_embedding": model.num_parameters(include_embedding=False),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flashlm.errors import DataError, FlashLMError
+from flashlm.hardware import describe, machine_info
 
 TASK_ORDER = ("ppl", "cloze", "babi", "squad", "translate", "longrange", "efficiency")
 TITLES = {
@@ -94,6 +95,7 @@ def write_result(
         "seed": seed,
         "settings": settings or {},
         "versions": versions(),
+        "machine": machine_info(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scores": scores or {},
         "results": results,
@@ -157,9 +159,10 @@ def _provenance(record: dict[str, Any]) -> str:
     data = ", ".join(f"`{Path(p).name}` ({h[:12]})" for p, h in record.get("data", {}).items()) or "generated"
     settings = ", ".join(f"{k}={v}" for k, v in record.get("settings", {}).items()) or "defaults"
     v = record.get("versions", {})
+    machine = f" Machine: {describe(record['machine'])}." if record.get("machine") else ""
     return (
         f"Model `{record.get('model')}`; data {data}; seed {record.get('seed')}; settings: {settings}; "
-        f"torch {v.get('torch')}, flashlm {v.get('flashlm')}, python {v.get('python')}."
+        f"torch {v.get('torch')}, flashlm {v.get('flashlm')}, python {v.get('python')}.{machine}"
     )
 
 

@@ -226,18 +226,18 @@ def create_app(engine: Engine) -> FastAPI:
     return app
 
 
-def load_app(model_dir: str | Path, device: str = "cpu") -> FastAPI:
-    return create_app(Engine.load(model_dir, device=device))
+def load_app(model_dir: str | Path, device: str = "cpu", precision: str = "auto") -> FastAPI:
+    return create_app(Engine.load(model_dir, device=device, precision=precision))
 
 
 def serve(model_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "cpu",
-          log_level: str = "info") -> None:
+          log_level: str = "info", precision: str = "auto") -> None:
     """Load the model and serve it with uvicorn until interrupted (loopback only unless `host` says so)."""
     import sys
 
     import uvicorn
 
-    app = load_app(model_dir, device)
+    app = load_app(model_dir, device, precision)
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     print(f"serving {app.state.engine.name}: playground at http://{shown}:{port}/, API at /v1", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

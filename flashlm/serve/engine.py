@@ -42,11 +42,18 @@ class Engine:
         self.lock = threading.Lock()
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu", name: str | None = None) -> Engine:
+    def load(cls, model_dir: str | Path, device: str = "cpu", name: str | None = None,
+             precision: str = "auto") -> Engine:
+        """Load a model directory; `precision` as in `flashlm.hardware.resolve_precision` (bf16 weights
+        on CUDA and native-bf16 CPUs under "auto"). A run's `latest` link is named after its run."""
+        from flashlm.hardware import dtype_of, resolve_precision
         from flashlm.tokenizer import Tokenizer
 
-        model = FlashLM.from_pretrained(model_dir, device=device)
-        return cls(model, Tokenizer.load(model_dir), name or Path(model_dir).resolve().name)
+        dtype = dtype_of(resolve_precision(precision, device))
+        model = FlashLM.from_pretrained(model_dir, device=device, dtype=dtype)
+        path = Path(model_dir)
+        default = path.parent.resolve().name if path.name == "latest" else path.resolve().name
+        return cls(model, Tokenizer.load(model_dir), name or default)
 
     @property
     def context(self) -> int:

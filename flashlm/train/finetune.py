@@ -60,7 +60,7 @@ class FinetuneConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     label_smoothing: float = 0.0  # prefix-LM loss only
-    precision: str = "fp32"  # fp32 | bf16 (autocast; pays off on CPUs with AMX for d_model >= 256) | auto
+    precision: str = "auto"  # auto (bf16 on CUDA and native-bf16 CPUs, else fp32; flashlm.hardware) | fp32 | bf16
     seed: int = 0
     bucket: int = 32  # sort by length inside groups of this many batches (0 or 1: plain shuffle)
     log_every: int = 20

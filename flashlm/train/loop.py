@@ -36,6 +36,7 @@ from torch import nn
 from flashlm.config import RunConfig, TrainConfig, save_yaml
 from flashlm.data.batches import IGNORE_INDEX, BatchSlot, SpecialTokens, TokenStream, eval_batches
 from flashlm.errors import CheckpointError, ConfigError, DataError
+from flashlm.hardware import resolve_precision
 from flashlm.model.transformer import FlashLM
 from flashlm.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -258,9 +259,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: TrainConfig,
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
-    """A factory of autocast contexts: bf16 for "bf16" (or "auto" on CUDA), none for fp32."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not bf16:
+    """A factory of autocast contexts: bf16 where `precision` resolves to it on `device` ("auto": on CUDA
+    and on CPUs with native bf16, `flashlm.hardware.resolve_precision`), none for fp32."""
+    if resolve_precision(precision, device) != "bf16":
         return nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -522,7 +523,9 @@ class RunLog:
         _truncate_metrics(self.out / METRICS_FILE, start)
         self.progress = _progress_bar()
         total = None if cfg.train.minutes else cfg.train.steps  # a timed run ends on the clock
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-")
+        precision = resolve_precision(cfg.train.precision, pick_device(cfg.train.device))
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-",
+                                           precision=precision)
         self.progress.start()
         if cfg.train.tensorboard:
             self.writer = _tensorboard(self.out / "tensorboard", self.print)
@@ -565,7 +568,7 @@ def _progress_bar() -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn("[bold]train[/] {task.fields[precision]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
                     TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
 
