@@ -112,7 +112,7 @@ def run_config(model: dict, out: Path, data: Path, steps: int, batch: int, seq_l
     settings = {"data": str(data), "out": str(out), "steps": steps, "batch_size": batch, "seq_len": seq_len,
                 "lr": 3e-3, "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1, "weight_decay": 0.1,
                 "eval_every": steps, "eval_batches": 4, "save_every": steps, "keep_last": 1,
-                "log_every": max(1, steps // 20), "device": "cpu", "precision": "fp32", "seed": 1234, **train}
+                "log_every": max(1, steps // 20), "device": "cpu", "precision": "auto", "seed": 1234, **train}
     data_dict = {"model": model, "train": settings}
     if distill is not None:
         data_dict["distill"] = distill
