@@ -290,7 +290,7 @@ def test_real_babi_files_parse_to_1000_questions_per_task():
 
 def tiny_babi(steps: int, batch_size: int, **changes) -> BabiConfig:
     """Tasks 1 and 4 on subsets with the tiny model, for a few steps."""
-    ft = FinetuneConfig(max_steps=steps, batch_size=batch_size, progress=False)
+    ft = FinetuneConfig(max_steps=steps, batch_size=batch_size, progress=False, precision="fp32")
     return BabiConfig(**{"tasks": (1, 4), "model": TINY, "vocab_size": 400, "finetune": ft, **changes})
 
 
