@@ -1,5 +1,6 @@
 """Distillation: divergences against direct formulas, top-k form, cache, teachers, extras, student init."""
 
+import json
 import math
 
 import numpy as np
@@ -367,7 +368,7 @@ def test_cache_resume_after_interruption_is_identical(tmp_path, tok):
     D.build_logit_cache(teacher, tokens, tmp_path / "whole", **args)
     with pytest.raises(KeyboardInterrupt):
         D.build_logit_cache(_Interrupting(teacher, 5), tokens, tmp_path / "resumed", **args)
-    assert D._read_json(tmp_path / "resumed" / D.CACHE_PROGRESS)["positions"] == 5 * 3 * 16
+    assert json.loads((tmp_path / "resumed" / D.CACHE_PROGRESS).read_text())["positions"] == 5 * 3 * 16
     with pytest.raises(FlashLMError, match="incomplete"):
         D.LogitCache(tmp_path / "resumed")
     with pytest.raises(FlashLMError, match="other settings"):
