@@ -1,0 +1,125 @@
+"""The `flashlm` command: one verb per capability, thin wrappers over the library.
+
+One module per command group: `tokenizer`, `data`, `model` (generate, plan, explain, fill-mask, info),
+`train` (train, distill, demo), `evaluate` (the `eval` group), `interop` (import / export) and
+`serving` (serve, chat); `common` holds what they share. Each command parses its options, calls the
+library and prints; the library is imported inside the commands, so `flashlm --help` stays fast.
+
+User mistakes raise `FlashLMError`; `main` prints its message on one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from flashlm.cli.common import INFERENCE_PRECISION, console
+from flashlm.cli.data import data_app, data_prepare, data_stories
+from flashlm.cli.evaluate import (
+    eval_all,
+    eval_app,
+    eval_babi,
+    eval_cloze,
+    eval_efficiency,
+    eval_longrange,
+    eval_mlm,
+    eval_nsp,
+    eval_ppl,
+    eval_report,
+    eval_squad,
+    eval_translate,
+)
+from flashlm.cli.interop import export_app, export_hf_cmd, import_app, import_hf_cmd, import_llama2c_cmd
+from flashlm.cli.model import explain_command, fill_mask_command, generate, info, plan_command
+from flashlm.cli.serving import chat, serve
+from flashlm.cli.tokenizer import tokenizer_app, tokenizer_train
+from flashlm.cli.train import TIMED_STEP_CAP, demo, distill_app, distill_cache, distill_command, train_command
+from flashlm.errors import FlashLMError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="FlashLM: build, pre-train, distill, evaluate and serve compact language models.")
+
+# Commands, in the order `flashlm --help` lists them; then the command groups.
+app.command()(generate)
+app.command("train")(train_command)
+app.command("plan")(plan_command)
+app.command()(demo)
+app.command()(serve)
+app.command()(chat)
+app.command("explain")(explain_command)
+app.command("fill-mask")(fill_mask_command)
+app.command()(info)
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(data_app, name="data")
+app.add_typer(import_app, name="import")
+app.add_typer(export_app, name="export")
+app.add_typer(eval_app, name="eval")
+app.add_typer(distill_app, name="distill")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one clear line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except FlashLMError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+__all__ = [
+    "INFERENCE_PRECISION",
+    "TIMED_STEP_CAP",
+    "Path",
+    "app",
+    "chat",
+    "console",
+    "data_app",
+    "data_prepare",
+    "data_stories",
+    "demo",
+    "distill_app",
+    "distill_cache",
+    "distill_command",
+    "eval_all",
+    "eval_app",
+    "eval_babi",
+    "eval_cloze",
+    "eval_efficiency",
+    "eval_longrange",
+    "eval_mlm",
+    "eval_nsp",
+    "eval_ppl",
+    "eval_report",
+    "eval_squad",
+    "eval_translate",
+    "explain_command",
+    "export_app",
+    "export_hf_cmd",
+    "fill_mask_command",
+    "generate",
+    "import_app",
+    "import_hf_cmd",
+    "import_llama2c_cmd",
+    "info",
+    "main",
+    "plan_command",
+    "serve",
+    "tokenizer_app",
+    "tokenizer_train",
+    "train_command",
+]

@@ -1,0 +1,53 @@
+"""`flashlm import` and `flashlm export`: models from and to other formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import_app = typer.Typer(no_args_is_help=True, help="Import models from other formats.")
+export_app = typer.Typer(no_args_is_help=True, help="Export models to other formats.")
+
+
+@export_app.command("hf")
+def export_hf_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the transformers checkpoint.")],
+) -> None:
+    """Export to a transformers checkpoint (Gemma3ForCausalLM or LlamaForCausalLM)."""
+    from flashlm.interop.hf import export_hf
+    from flashlm.model.transformer import FlashLM
+
+    model = FlashLM.from_pretrained(model_dir)
+    tokenizer = model_dir if (model_dir / "tokenizer.json").is_file() else None
+    export_hf(model, out, tokenizer=tokenizer)
+    typer.echo(f"exported {model_dir} to {out}" + ("" if tokenizer else " (no tokenizer.json to copy)"))
+
+
+@import_app.command("hf")
+def import_hf_cmd(
+    hf_dir: Annotated[Path, typer.Argument(help="A local transformers checkpoint (gemma3_text or llama).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the FlashLM model.")],
+) -> None:
+    """Import a local transformers checkpoint; never downloads or runs remote code."""
+    from flashlm.interop.hf import copy_tokenizer, import_hf
+
+    model = import_hf(hf_dir)
+    model.save_pretrained(out)
+    copied = copy_tokenizer(hf_dir, out)
+    typer.echo(f"imported {hf_dir} to {out}" + ("" if copied else " (no tokenizer.json to copy)"))
+
+
+@import_app.command("llama2c")
+def import_llama2c_cmd(
+    model: Annotated[Path, typer.Argument(help="A llama2.c checkpoint (legacy .bin export).")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Its SentencePiece .model file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the FlashLM model.")],
+) -> None:
+    """Import a llama2.c checkpoint and its SentencePiece tokenizer."""
+    from flashlm.interop.llama2c import import_llama2c
+
+    import_llama2c(model, tokenizer, out)
+    typer.echo(f"imported {model} to {out}")

@@ -1,0 +1,121 @@
+"""Commands on one model: `generate`, `plan`, `explain`, `fill-mask` and `info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flashlm.cli.common import CONVENTION, INFERENCE_PRECISION, check_precision, eval_load, next_token_convention
+
+
+def generate(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string; repeatable.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible samples.")] = None,
+    prefix_lm: Annotated[bool, typer.Option(help="Attend bidirectionally over the prompt.")] = False,
+    precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
+) -> None:
+    """Generate text from a model, streaming tokens to the terminal."""
+    from flashlm.generate import Sampling, stream
+    from flashlm.generate import generate as generate_batch
+    from flashlm.hardware import dtype_of, resolve_precision
+    from flashlm.model.transformer import FlashLM
+    from flashlm.tokenizer import Tokenizer
+
+    model = FlashLM.from_pretrained(model_dir, dtype=dtype_of(resolve_precision(check_precision(precision), "cpu")))
+    tokenizer = Tokenizer.load(model_dir)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
+                        prefix_lm=prefix_lm)
+    if len(prompt) == 1:
+        typer.echo(prompt[0], nl=False)
+        for piece in stream(model, tokenizer, prompt[0], sampling):
+            typer.echo(piece, nl=False)
+        typer.echo()
+        return
+    for text, completion in zip(prompt, generate_batch(model, tokenizer, prompt, sampling), strict=True):
+        typer.echo(f"{text}{completion}\n")
+
+
+def plan_command(
+    preset: Annotated[str | None, typer.Option(help="A model preset, e.g. 7.5b.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Or the model of a YAML recipe.")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs the run is spread over.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Sequences per GPU per micro-step.")] = 1,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence (default: the model's context).")] = None,
+    strategy: Annotated[str, typer.Option(help="fsdp (shard weights, grads, optimizer) or ddp.")] = "fsdp",
+    checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing.")] = False,
+    gpu_memory: Annotated[float | None, typer.Option(help="GiB per GPU, to say whether it fits.")] = None,
+) -> None:
+    """Memory per GPU of training a model: weights, gradients, AdamW, activations, logits (estimates)."""
+    from flashlm.config import get_preset, load_run_config
+    from flashlm.errors import ConfigError
+    from flashlm.train.memory import format_plan, memory_plan
+
+    if (preset is None) == (config is None):
+        raise ConfigError("plan: give exactly one of --preset NAME or --config RECIPE.yaml")
+    model = get_preset(preset) if preset else load_run_config(config).model
+    plan = memory_plan(model, gpus, batch_size, seq_len, strategy, checkpointing)
+    typer.echo(format_plan(plan, gpu_memory))
+
+
+def explain_command(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    text: Annotated[str, typer.Argument(help="The text to look at.")],
+    layer: Annotated[int | None, typer.Option(help="Layer of the attention map; default the mean of layers.")] = None,
+    head: Annotated[int | None, typer.Option(help="Head of the attention map; default the mean of heads.")] = None,
+    target: Annotated[str | None, typer.Option(help="Next token to explain (e.g. ' cat'); default the likeliest.")]
+    = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and explain.json.")] = Path("explain"),
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Attention maps and token saliency for a text: attention.png, attention_grid.png, saliency.png, JSON."""
+    from flashlm.explain import save_explanation
+    from flashlm.model.transformer import FlashLM
+    from flashlm.tokenizer import Tokenizer
+
+    model = FlashLM.from_pretrained(model_dir, device=device)
+    paths = save_explanation(model, Tokenizer.load(model_dir), text, out, layer=layer, head=head, target=target)
+    for path in paths.values():
+        typer.echo(str(path))
+
+
+def fill_mask_command(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    text: Annotated[str, typer.Argument(help="Text with one or more <mask>: \"The cat sat on the <mask>.\"")],
+    top_k: Annotated[int, typer.Option(min=1, help="Candidates per mask.")] = 5,
+    next_token: Annotated[bool | None, CONVENTION] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+) -> None:
+    """Print the most likely tokens for each <mask> (bidirectional attention)."""
+    from flashlm.evaluate.masked import fill_mask
+
+    model, tokenizer = eval_load(model_dir, device)
+    convention = next_token_convention(model_dir, next_token)
+    found = fill_mask(model, tokenizer, text, top_k, convention)
+    typer.echo(f"{'next-token' if convention else 'in-place'} masked prediction")
+    for i, candidates in enumerate(found, 1):
+        if len(found) > 1:
+            typer.echo(f"<mask> {i}:")
+        for text_, prob in candidates:
+            typer.echo(f"  {100 * prob:5.1f}%  {text_!r}")
+
+
+def info(preset_or_dir: Annotated[str, typer.Argument(help="A preset name or a model directory.")]) -> None:
+    """Print a model's configuration and parameter count."""
+    from flashlm.config import PRESETS, count_parameters, get_preset
+    from flashlm.model.transformer import FlashLM
+
+    cfg = get_preset(preset_or_dir) if preset_or_dir in PRESETS else FlashLM.load_config(preset_or_dir)
+    total, non_embed = count_parameters(cfg), count_parameters(cfg, include_embedding=False)
+    for key, value in cfg.to_dict().items():
+        typer.echo(f"{key:24s} {value}")
+    typer.echo(f"{'parameters':24s} {total:,} ({non_embed:,} without embeddings)")

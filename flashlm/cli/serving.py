@@ -1,0 +1,55 @@
+"""`flashlm serve` (the OpenAI-compatible API and playground) and `flashlm chat` (the terminal)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flashlm.cli.common import INFERENCE_PRECISION, check_precision, console
+
+
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes the model to the network.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web playground (/)."""
+    from flashlm.serve.app import serve as run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can use the model")
+    run_server(model_dir, host=host, port=port, device=device, log_level=log_level,
+               precision=check_precision(precision))
+
+
+def chat(
+    model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
+    system: Annotated[str | None, typer.Option(help="A system message to start the conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per reply.")] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
+) -> None:
+    """Chat in the terminal: one message a line ("User: …\\nAssistant:" template); /reset, /exit or EOF."""
+    from flashlm.generate import Sampling
+    from flashlm.serve.engine import Engine, chat_repl
+
+    engine = Engine.load(model_dir, device=device, precision=check_precision(precision))
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, seed=seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"chatting with {engine.name}; /reset clears the conversation, /exit or Ctrl-D ends it", err=True)
+    chat_repl(engine, sampling, sys.stdin, lambda text: typer.echo(text, nl=False), system=system,
+              interactive=interactive)
