@@ -120,7 +120,7 @@ def run_config(model: dict, out: Path, data: Path, steps: int, batch: int, seq_l
 
 
 def timed_train(cfg: Any, budget_s: float | None = None) -> dict[str, Any]:
-    from flashlm.train.loop import train
+    from flashlm.train import train
 
     shutil.rmtree(cfg.train.out, ignore_errors=True)
     began = time.perf_counter()
@@ -173,16 +173,11 @@ def time_steps(cfgs: dict[str, Any], rounds: int, warmup: int = 2) -> dict[str, 
     import torch
 
     from flashlm.train.distill import distill_objective
-    from flashlm.train.loop import (
-        DistEnv,
-        autocast_for,
-        build_model,
-        build_optimizer,
-        build_scheduler,
-        open_data,
-        train_step,
-    )
+    from flashlm.train.distributed import DistEnv
+    from flashlm.train.loop import build_model, train_step
     from flashlm.train.objectives import get_objective
+    from flashlm.train.optim import autocast_for, build_optimizer, build_scheduler
+    from flashlm.train.rundata import open_data
 
     env = DistEnv(torch.device("cpu"))
     amp = autocast_for("fp32", env.device)

@@ -36,7 +36,7 @@ def machine() -> dict:
 
 def run_one(args: argparse.Namespace, base: float) -> dict:
     """One `run_longrange` with the global layers' RoPE base `base`."""
-    from flashlm.evaluate.longrange import LongRangeConfig, run_longrange
+    from flashlm.tasks.longrange import LongRangeConfig, run_longrange
 
     cfg = LongRangeConfig.from_names(args.patterns.split(","), n_layers=args.layers)
     cfg = replace(

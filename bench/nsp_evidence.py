@@ -5,7 +5,7 @@ log-probability (log p(B_k | A, B_<k) − log p(B_k | B_<k)). A logistic regress
 pairs reads these features (B's first token, the first four, the mean, the sum, the lengths) and is
 scored on held-out pairs, so it tells whether a model's causal LM already separates true pairs from
 random ones, whatever its NSP head does. It reads a checkpoint and the shards it trained on (no
-public corpus); the figures that motivated `FlashLM.junction_evidence` are in docs/notes/nsp.md.
+public corpus); the figures that motivated `flashlm.model.heads.junction_evidence` are in docs/notes/nsp.md.
 
     .venv/bin/python bench/nsp_evidence.py RUN/checkpoints SHARDS_DIR
 """

@@ -85,9 +85,10 @@ def run_variant(name: str, data: str, out: str, settings: dict) -> dict:
     from flashlm.config import RunConfig
     from flashlm.data.batches import IGNORE_INDEX, eval_batches
     from flashlm.evaluate.masked import mlm_accuracy, nsp_accuracy, open_split
+    from flashlm.model.heads import FlashLMForPretraining
     from flashlm.model.transformer import FlashLM
+    from flashlm.train import train
     from flashlm.train.checkpoint import latest_checkpoint
-    from flashlm.train.loop import train
     from flashlm.train.objectives import lm_cross_entropy
 
     seq = settings["seq_len"]
@@ -105,7 +106,8 @@ def run_variant(name: str, data: str, out: str, settings: dict) -> dict:
     if settings.get("speed_only"):  # skip the first row (warm-up) when there are others
         speeds = sorted(r["tokens_per_s"] for r in rows[1:] or rows)
         return {"variant": name, "isolated_tokens_per_s": speeds[len(speeds) // 2]}
-    model = FlashLM.from_pretrained(latest_checkpoint(Path(out) / "checkpoints"))
+    checkpoint = latest_checkpoint(Path(out) / "checkpoints")
+    model = FlashLM.from_pretrained(checkpoint)
     stream = open_split(data)
     nats = tokens = 0.0
     with torch.no_grad():
@@ -119,7 +121,7 @@ def run_variant(name: str, data: str, out: str, settings: dict) -> dict:
     masked_tokens = sum(m["masked_tokens"] for m in seeded)
     mlm = {"masked_tokens": masked_tokens,
            **{k: sum(m[k] * m["masked_tokens"] for m in seeded) / masked_tokens for k in ("mlm_acc", "unigram_acc")}}
-    nsp = nsp_accuracy(model, stream, seq, pairs=512)
+    nsp = nsp_accuracy(FlashLMForPretraining.with_head_from(model, checkpoint), stream, seq, pairs=512)
     trained = settings["steps"] * settings["batch_size"] * seq
     last = {k: v for k, v in rows[-1].items() if k.endswith(("_loss", "_acc"))} if rows else {}
     return {

@@ -187,13 +187,157 @@ def layer_parameters(cfg: ModelConfig) -> int:
 
 
 def count_parameters(cfg: ModelConfig, include_embedding: bool = True) -> int:
-    """Parameters of `FlashLM(cfg)`, computed from the config alone (heads included)."""
+    """Parameters of `FlashLM(cfg)`, computed from the config alone (the LM head included; task heads
+    such as NSP live outside the base model)."""
     d = cfg.d_model
-    heads = 2 * d + 2  # NSP head: Linear(d, 2) with bias
-    total = cfg.n_layers * layer_parameters(cfg) + d + heads
+    total = cfg.n_layers * layer_parameters(cfg) + d
     if include_embedding:
         total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     return total
+
+
+# ---- masking and the hybrid objective's terms ------------------------------------------------------
+OBJECTIVE_TERMS = ("clm", "mlm", "nsp", "prefix_lm")
+TERM_KEYS = {"clm": ("ratio", "weight"), "mlm": ("ratio", "weight", "nsp_weight"),
+             "nsp": ("ratio", "weight", "nsp_weight"), "prefix_lm": ("ratio", "weight")}
+
+
+def _number(value: Any, key: str, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if integer and number != int(number):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return number
+
+
+def _mapping(value: Any, key: str, example: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a mapping, e.g. {example}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """`train.masking`: how masked batches are corrupted and predicted (flashlm.train.mixing)."""
+
+    rate: float = 0.15  # share of tokens predicted; rate_end: linear schedule to it over train.steps
+    rate_end: float | None = None
+    mask_prob: float = 0.8  # of chosen tokens -> <mask>; random_prob -> random token; rest kept
+    random_prob: float = 0.1
+    max_span: int = 1  # > 1: spans of 1..max_span tokens
+    next_token: bool = True  # masked next-token prediction (GPT-BERT); false: in place (BERT)
+    per_document: bool = True  # masked windows attend only inside their documents
+
+    def __post_init__(self) -> None:
+        for key in ("next_token", "per_document"):
+            value = getattr(self, key)
+            if not isinstance(value, bool):
+                raise ConfigError(f"train.masking.{key}: expected true or false, got {value!r}")
+        span = _number(self.max_span, "train.masking.max_span", integer=True)
+        if span < 1:
+            raise ConfigError(f"train.masking.max_span: must be an integer >= 1, got {self.max_span!r}")
+        object.__setattr__(self, "max_span", int(span))
+        for key in ("rate", "rate_end", "mask_prob", "random_prob"):
+            value = getattr(self, key)
+            if key == "rate_end" and value is None:
+                continue
+            number = _number(value, f"train.masking.{key}")
+            low_open = key in ("rate", "rate_end")
+            if not (0 < number < 1 if low_open else 0 <= number <= 1):
+                bounds = "(0, 1)" if low_open else "[0, 1]"
+                raise ConfigError(f"train.masking.{key}: must be in {bounds}, got {value!r}")
+            object.__setattr__(self, key, number)
+        if self.mask_prob + self.random_prob > 1 + 1e-9:
+            raise ConfigError(f"train.masking.random_prob: mask_prob + random_prob must be <= 1, got "
+                              f"{self.mask_prob} + {self.random_prob}")
+
+    @classmethod
+    def from_value(cls, raw: Any) -> MaskingConfig:
+        """`train.masking` as YAML gives it (a mapping, possibly partial, or None) or already typed."""
+        if isinstance(raw, cls):
+            return raw
+        data = _mapping(raw, "train.masking", "{rate: 0.3, rate_end: 0.15, max_span: 3}")
+        known = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"train.masking.{key}: unknown key; known keys: {', '.join(known)}")
+        return cls(**data)
+
+    def rate_at(self, step: int, total_steps: int) -> float:
+        """The masking rate at (1-based) `step`: linear from rate to rate_end over the run."""
+        if self.rate_end is None or total_steps <= 1:
+            return self.rate
+        frac = min(max((step - 1) / (total_steps - 1), 0.0), 1.0)
+        return self.rate + (self.rate_end - self.rate) * frac
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ObjectiveTerm:
+    """One entry of `train.objectives` (a hybrid's term): ``name: {ratio, weight[, nsp_weight]}``.
+
+    ratio: steps per cycle (integer >= 1); weight: loss multiplier (> 0); nsp_weight (mlm, nsp only;
+    default 0 for mlm, 1 for nsp): > 0 makes the masked batches NSP pairs, weighting the NSP loss."""
+
+    name: str
+    ratio: int = 1
+    weight: float = 1.0
+    nsp_weight: float | None = None  # None: the term's default
+
+    def __post_init__(self) -> None:
+        where = f"train.objectives.{self.name}"
+        if self.name not in OBJECTIVE_TERMS:
+            raise ConfigError(f"{where}: unknown objective; choose among {', '.join(OBJECTIVE_TERMS)}")
+        if self.nsp_weight is None:
+            object.__setattr__(self, "nsp_weight", 1.0 if self.name == "nsp" else 0.0)
+        elif "nsp_weight" not in TERM_KEYS[self.name]:
+            raise ConfigError(f"{where}.nsp_weight: unknown key; {self.name} takes "
+                              f"{', '.join(TERM_KEYS[self.name])}")
+        ratio = _number(self.ratio, f"{where}.ratio", integer=True)
+        if ratio < 1:
+            raise ConfigError(f"{where}.ratio: must be an integer >= 1, got {self.ratio!r}")
+        object.__setattr__(self, "ratio", int(ratio))
+        for key in ("weight", "nsp_weight"):
+            value = getattr(self, key)
+            number = _number(value, f"{where}.{key}")
+            if number < 0 or (key == "weight" and number == 0):
+                sign = "positive" if key == "weight" else ">= 0"
+                raise ConfigError(f"{where}.{key}: must be {sign}, got {value!r}")
+            object.__setattr__(self, key, number)
+
+    @property
+    def uses_nsp(self) -> bool:
+        return self.name in ("mlm", "nsp") and self.nsp_weight > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in TERM_KEYS[self.name]}
+
+
+def objective_terms(raw: Any) -> dict[str, ObjectiveTerm]:
+    """`train.objectives` as typed terms by name, in order (empty: no mix); ConfigError naming the key."""
+    data = _mapping(raw, "train.objectives", "{clm: {ratio: 1}, mlm: {ratio: 3}}")
+    terms = {}
+    for name, options in data.items():
+        if isinstance(options, ObjectiveTerm):
+            terms[name] = options
+            continue
+        where = f"train.objectives.{name}"
+        if name not in OBJECTIVE_TERMS:
+            raise ConfigError(f"{where}: unknown objective; choose among {', '.join(OBJECTIVE_TERMS)}")
+        options = _mapping(options, where, "{ratio: 1, weight: 1.0}")
+        for key in options:
+            if key not in TERM_KEYS[name]:
+                raise ConfigError(f"{where}.{key}: unknown key; {name} takes {', '.join(TERM_KEYS[name])}")
+        terms[name] = ObjectiveTerm(name, **options)
+    return terms
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -228,13 +372,18 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = False
     objective: str = "clm"  # a name in flashlm.train.objectives.OBJECTIVES
-    objectives: dict[str, Any] = field(default_factory=dict)  # hybrid mix {term: {ratio, ...}}; train/mixing.py
-    masking: dict[str, Any] = field(default_factory=dict)  # masked-LM settings; see flashlm/train/mixing.py
+    objectives: dict[str, ObjectiveTerm] = field(default_factory=dict)  # hybrid mix {term: {ratio, ...}}
+    masking: MaskingConfig = field(default_factory=MaskingConfig)  # masked-LM settings
     packed_attention: bool = False  # attention (and loss) never cross document boundaries
     val_data: str = ""  # shard directory for evaluation; default: the "val" split of `data`
     tokenizer: str = ""  # tokenizer.json copied into checkpoints; default: the one in `data`
     resume: bool | str = False  # true: latest checkpoint under out/; or a checkpoint path
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
+
+    def __post_init__(self) -> None:
+        """Mappings as YAML gives them become typed settings (validated, one-line errors naming the key)."""
+        self.masking = MaskingConfig.from_value(self.masking)
+        self.objectives = objective_terms(self.objectives)
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -259,9 +408,35 @@ class TrainConfig:
              f"must be auto, cpu or cuda, got {self.device!r}")
         need(isinstance(self.resume, (bool, str)), "resume",
              f"must be true, false or a checkpoint path, got {self.resume!r}")
-        from flashlm.train.mixing import check_objective_settings
+        self.masking = MaskingConfig.from_value(self.masking)  # fields set after construction
+        self.objectives = objective_terms(self.objectives)
+        if self.objectives and self.objective not in ("clm", "hybrid"):
+            raise ConfigError(f"train.objective: {self.objective!r} conflicts with train.objectives (a mix); "
+                              "drop one of them")
+        if not self.objectives and self.objective == "hybrid":
+            raise ConfigError("train.objectives: train.objective hybrid needs terms, e.g. "
+                              "{clm: {ratio: 1}, mlm: {ratio: 3}}")
 
-        check_objective_settings(self)
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as YAML holds them (masking and objectives as mappings)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["betas"] = list(self.betas)
+        out["masking"] = self.masking.to_dict()
+        out["objectives"] = {name: term.to_dict() for name, term in self.objectives.items()}
+        return out
+
+
+def canonical_train_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved `train` mapping (e.g. a checkpoint's, which may spell masking and objectives partially)
+    with masking and objectives in `TrainConfig.to_dict` form, to compare with a run's; values that no
+    longer parse are kept as they are."""
+    out = dict(data)
+    try:
+        out["masking"] = MaskingConfig.from_value(data.get("masking")).to_dict()
+        out["objectives"] = {n: t.to_dict() for n, t in objective_terms(data.get("objectives")).items()}
+    except ConfigError:
+        pass
+    return out
 
 
 # ---- distillation -------------------------------------------------------------------------------
@@ -355,8 +530,7 @@ class RunConfig:
                                   "transformers model dir or a `flashlm distill cache` dir")
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"model": self.model.to_dict(), "train": asdict(self.train)}
-        out["train"]["betas"] = list(self.train.betas)
+        out = {"model": self.model.to_dict(), "train": self.train.to_dict()}
         if self.distill is not None:
             out["distill"] = self.distill.to_dict()
         return out
@@ -390,24 +564,33 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides (values parsed as YAML scalars) to a config mapping."""
+    """Apply `section.key=value` overrides (values parsed as YAML) to a config mapping.
+
+    Keys may go deeper into nested settings: ``train.masking.rate=0.3`` changes one masking setting
+    (the others keep their values), ``train.masking={rate: 0.3}`` replaces the whole mapping."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. model.n_layers=4")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) != 2:
+        if len(parts) < 2 or not all(parts):
             raise ConfigError(f"--set {item!r}: the key must be section.name, e.g. train.lr=1e-3")
-        section, name = parts
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        data.setdefault(section, {})
-        if not isinstance(data[section], dict):
-            raise ConfigError(f"--set {item!r}: {section} is not a section")
-        data[section][name] = value
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                what = "a section" if depth == 0 else "a mapping"
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not {what}")
+            node[part] = child = dict(child)  # a copy: the caller's mapping stays as it was
+            node = child
+        node[parts[-1]] = value
     return data
 
 

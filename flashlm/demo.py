@@ -100,7 +100,7 @@ def _val_documents(shards: Path, limit: int) -> list[Any]:
 
 def train_stage(name: str, cfg: RunConfig) -> Stage:
     from flashlm.config import count_parameters
-    from flashlm.train.loop import train
+    from flashlm.train import train
 
     stage = Stage(name)
     began = time.perf_counter()
@@ -117,12 +117,14 @@ def score(model_dir: str, shards: Path, held_out: list[str]) -> dict[str, float]
     from flashlm.evaluate.efficiency import measure_batch
     from flashlm.evaluate.lm import perplexity
     from flashlm.evaluate.masked import masked_metrics
+    from flashlm.model.heads import FlashLMForPretraining
     from flashlm.model.transformer import FlashLM
     from flashlm.tokenizer import Tokenizer
 
     model, tokenizer = FlashLM.from_pretrained(model_dir), Tokenizer.load(model_dir)
     lm = perplexity(model, tokenizer, held_out, seq_len=128, stride=64, batch_size=16)
-    masked = masked_metrics(model, shards, tokenizer=tokenizer, windows=128, pairs=256)
+    pretraining = FlashLMForPretraining.with_head_from(model, model_dir)  # + the NSP head the teacher trained
+    masked = masked_metrics(pretraining, shards, tokenizer=tokenizer, windows=128, pairs=256)
     measure_batch(model, 1, 32, 4)  # warm-up
     speeds = [measure_batch(model, 1, 32, 64, seed=i)["decode_tokens_per_s"] for i in range(3)]
     return {"val_loss": lm["loss"], "val_ppl": lm["ppl"], "val_bpb": lm["bpb"], "mlm_acc": masked["mlm_acc"],

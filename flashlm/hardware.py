@@ -54,6 +54,15 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     return "bf16"
 
 
+def default_device(name: str = "auto", index: int | None = None) -> torch.device:
+    """The device for ``name``: "auto" is CUDA (device `index`) when available, else the CPU; any other
+    name is taken as it is. The one place FlashLM auto-detects its device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    return torch.device(device.type, index) if device.type == "cuda" and index is not None else device
+
+
 def dtype_of(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 

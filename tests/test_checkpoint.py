@@ -20,7 +20,6 @@ from flashlm.config import get_preset, replace
 from flashlm.errors import CheckpointError
 from flashlm.model.transformer import FlashLM
 from flashlm.train.checkpoint import (
-    PAUSE_ENV,
     STATE_FILE,
     capture_rng,
     latest_checkpoint,
@@ -134,12 +133,23 @@ def test_resume_from_a_damaged_checkpoint_fails(shards, tmp_path):
     assert summary["resumed_from"].endswith("step_000001")
 
 
+# The run stalls while saving step 6, after the weights and before the training state: its torch.save of
+# that state sleeps (patched in this throwaway process only, no hook in the checkpoint code).
 RUNNER = """
 import sys
+import time
 from pathlib import Path
+import torch
 sys.path.insert(0, {tests!r})
 from train_utils import tiny_config
 from flashlm.train.loop import train
+
+save = torch.save
+def stalling_save(obj, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("step") == 6:
+        time.sleep(120)
+    return save(obj, *args, **kwargs)
+torch.save = stalling_save
 train(tiny_config(Path({data!r}), Path({out!r})))
 """
 
@@ -148,8 +158,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "run.py"
     script.write_text(RUNNER.format(tests=str(Path(__file__).parent), data=str(shards), out=str(out)))
-    env = {**os.environ, PAUSE_ENV: "6:120"}  # saving step 6 stalls after the weights, before the state
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     partial = out / "checkpoints" / ".tmp-step_000006" / "model.safetensors"
     deadline = time.monotonic() + 120

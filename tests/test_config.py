@@ -76,3 +76,41 @@ def test_bad_overrides_and_files(tmp_path):
 def test_seq_len_cannot_exceed_context():
     with pytest.raises(ConfigError, match="train.seq_len"):
         RunConfig.from_dict({"model": {"preset": "nano"}, "train": {"seq_len": 1024}})
+
+
+def test_masking_and_objectives_are_typed_and_nested_overrides_reach_them(tmp_path):
+    from flashlm.config import MaskingConfig, ObjectiveTerm, TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: nano\ntrain:\n  seq_len: 64\n  objective: hybrid\n"
+                    "  objectives:\n    clm: {ratio: 1}\n    mlm: {ratio: 3, nsp_weight: 0.5}\n"
+                    "  masking:\n    rate: 0.3\n    max_span: 3\n")
+    cfg = load_run_config(path, ["train.masking.rate_end=0.15", "train.objectives.mlm.nsp_weight=1",
+                                 "train.objectives.nsp.ratio=2"])
+    assert cfg.train.masking == MaskingConfig(rate=0.3, rate_end=0.15, max_span=3)
+    assert list(cfg.train.objectives) == ["clm", "mlm", "nsp"]
+    assert cfg.train.objectives["mlm"] == ObjectiveTerm("mlm", ratio=3, nsp_weight=1.0)
+    assert cfg.train.objectives["nsp"].nsp_weight == 1.0 and cfg.train.objectives["clm"].nsp_weight == 0.0
+    saved = cfg.to_dict()["train"]
+    assert saved["masking"]["max_span"] == 3 and saved["objectives"]["clm"] == {"ratio": 1, "weight": 1.0}
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg  # round trip through plain mappings
+    replaced = load_run_config(path, ["train.masking={next_token: false}"])  # a whole mapping replaces
+    assert replaced.train.masking == MaskingConfig(next_token=False)
+    assert TrainConfig(masking={"rate": "0.2"}).masking.rate == 0.2  # strings as YAML may give them
+    with pytest.raises(ConfigError, match=r"^train\.masking\.rate: must be in \(0, 1\)"):
+        load_run_config(path, ["train.masking.rate=2"])
+    with pytest.raises(ConfigError, match=r"^train\.objectives\.clm\.nsp_weight: unknown key"):
+        load_run_config(path, ["train.objectives.clm.nsp_weight=1"])
+    with pytest.raises(ConfigError, match=r"train\.seq_len is not a mapping"):
+        apply_overrides({"train": {"seq_len": 64}}, ["train.seq_len.x=1"])
+    with pytest.raises(ConfigError, match=r"^train\.objectives\.mlm\.ratio"):
+        ObjectiveTerm("mlm", ratio=0)
+
+
+def test_config_does_not_import_training():
+    import subprocess
+    import sys
+
+    code = "import sys, flashlm.config; print(any(m.startswith('flashlm.train') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -18,9 +18,9 @@ from flashlm.config import DistillConfig, RunConfig, apply_overrides, get_preset
 from flashlm.errors import ConfigError, FlashLMError
 from flashlm.model.transformer import FlashLM
 from flashlm.tokenizer import Tokenizer
+from flashlm.train import train
 from flashlm.train.checkpoint import latest_checkpoint
 from flashlm.train.distill import LogitCache
-from flashlm.train.loop import train
 
 
 @pytest.fixture(scope="module")

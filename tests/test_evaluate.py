@@ -17,14 +17,22 @@ from torch import nn
 from flashlm.config import ModelConfig, get_preset, replace
 from flashlm.errors import FlashLMError
 from flashlm.evaluate import metrics
-from flashlm.evaluate.efficiency import efficiency, flops_per_token, matmul_params, mean_causal_keys
-from flashlm.evaluate.lm import IGNORE, cloze, cloze_row, perplexity, sliding_windows
-from flashlm.evaluate.longrange import (
-    NEEDLE,
-    PasskeyVocab,
+from flashlm.evaluate.efficiency import (
+    efficiency,
+    flops_per_token,
     kv_cache_bytes,
     kv_cache_bytes_per_token,
     kv_cache_comparison,
+    matmul_params,
+    mean_causal_keys,
+)
+from flashlm.evaluate.lm import IGNORE, cloze, cloze_row, perplexity, sliding_windows
+from flashlm.evaluate.report import write_report, write_result
+from flashlm.model.cache import KVCache
+from flashlm.model.transformer import FlashLM
+from flashlm.tasks.longrange import (
+    NEEDLE,
+    PasskeyVocab,
     make_mqar_batch,
     make_passkey_batch,
     mqar_accuracy,
@@ -32,9 +40,6 @@ from flashlm.evaluate.longrange import (
     passkey_accuracy,
     passkey_example,
 )
-from flashlm.evaluate.report import write_report, write_result
-from flashlm.model.cache import KVCache
-from flashlm.model.transformer import FlashLM
 
 
 # ---- fixtures -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 from flashlm.config import ModelConfig
 from flashlm.data.batches import IGNORE_INDEX
+from flashlm.generate import greedy_decode
 from flashlm.model.transformer import FlashLM
 from flashlm.train.finetune import (
     Example,
@@ -17,11 +18,10 @@ from flashlm.train.finetune import (
     collate_prefix,
     epoch_batches,
     finetune,
-    greedy_decode,
     make_example,
     new_model,
-    prefix_lm_loss,
 )
+from flashlm.train.objectives import prefix_lm_loss
 
 IDS = SimpleNamespace(bos_id=1, eos_id=2, sep_id=4, pad_id=0)  # make_example with id lists needs no vocab
 
@@ -66,7 +66,7 @@ def test_padding_does_not_change_a_rows_loss():
     model = tiny_model().eval()
     short, long = Example([1, 10, 11, 4, 20, 2], 4), Example([1, 10, 11, 12, 13, 14, 4, 20, 21, 2], 7)
     with torch.no_grad():
-        alone = prefix_lm_loss(model, collate_prefix([short]))
+        alone = prefix_lm_loss(model, collate_prefix([short]), rows_equal=False)[0]
         padded = collate_prefix([short, long])
         out = model(padded.input_ids, mode="prefix", prefix_len=padded.prefix_len, doc_ids=padded.doc_ids)
         row = torch.nn.functional.cross_entropy(out.logits[0], padded.targets[0], ignore_index=IGNORE_INDEX)

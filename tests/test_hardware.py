@@ -7,7 +7,7 @@ import torch
 
 from flashlm import hardware
 from flashlm.train.finetune import FinetuneConfig
-from flashlm.train.loop import autocast_for
+from flashlm.train.optim import autocast_for
 
 
 @pytest.fixture(params=[False, True], ids=["avx2-only", "native-bf16"])

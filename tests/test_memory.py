@@ -44,7 +44,7 @@ def test_plan_cli_prints_the_plan_and_rejects_bad_input():
     result = runner.invoke(app, ["plan", "--preset", "7.5b", "--gpus", "8", "--seq-len", "4096", "--checkpointing",
                                  "--gpu-memory", "80"])
     assert result.exit_code == 0, result.output
-    assert "7,505,203,202 parameters" in result.output and "fits in 80 GiB" in result.output
+    assert "7,505,195,008 parameters" in result.output and "fits in 80 GiB" in result.output
     assert runner.invoke(app, ["plan"]).exit_code != 0
     assert runner.invoke(app, ["plan", "--preset", "tiny", "--strategy", "zero"]).exit_code != 0
 

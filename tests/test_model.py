@@ -6,6 +6,7 @@ import torch
 from flashlm.config import count_parameters, get_preset, replace
 from flashlm.errors import CheckpointError, ConfigError
 from flashlm.model.cache import KVCache
+from flashlm.model.heads import NSP_HEAD_FILE, FlashLMForPretraining, NSPHead, junction_evidence
 from flashlm.model.transformer import FlashLM
 
 FLAVOURS = ["gemma", "llama"]
@@ -230,28 +231,77 @@ def test_damaged_checkpoints_raise_one_clear_error(tmp_path):
         FlashLM.from_pretrained(tmp_path / "missing")
 
 
+def test_base_model_has_no_nsp_parameters():
+    model = make_model()
+    assert not any("nsp" in name for name, _ in model.named_parameters())
+    assert not hasattr(model, "nsp_logits") and not hasattr(model, "nsp_head")
+
+
 def test_nsp_head_reads_the_first_position():
     model = make_model()
+    head = NSPHead.for_model(model)
     out = model(ids(), mode="bidirectional")
-    assert model.nsp_logits(out.hidden).shape == (2, 2)
+    logits = head(model, out.hidden)
+    assert logits.shape == (2, 2)
+    assert torch.allclose(logits, out.hidden[:, 0] @ head.weight.T + head.bias)
+    again = NSPHead.for_model(model.cfg)  # its initial weights depend on the seed alone
+    assert torch.equal(again.weight, head.weight) and not torch.equal(NSPHead.for_model(model, 1).weight, head.weight)
+
+
+def test_a_training_run_s_nsp_head_draws_what_flashlm_drew_for_it():
+    """Runs keep their figures: the head starts where it did as FlashLM's last parameter."""
+    cfg = get_preset("nano")
+    torch.manual_seed(7)
+    FlashLM(cfg)
+    expected = torch.empty(2, cfg.d_model).normal_(0.0, cfg.init_std)
+    state = torch.get_rng_state()
+    head = NSPHead.as_drawn_by_flashlm(cfg, 7)
+    assert torch.equal(head.weight, expected) and not head.bias.any()
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is left alone
 
 
 def test_junction_evidence_is_how_much_a_raises_the_first_token_of_b():
     model = make_model()
+    pretraining = FlashLMForPretraining(model)
     pairs = ids(3, 30)
     pairs[:, 0], seps = 1, torch.tensor([5, 12, 20])  # <bos> A <sep> B
     pairs[torch.arange(3), seps] = 4
     with torch.no_grad():
-        got = model.junction_evidence(pairs, seps)
-        out = model(pairs, mode="bidirectional")
-        logits = model.nsp_logits(out.hidden, pairs, seps)
+        got = junction_evidence(model, pairs, seps)
+        out = pretraining(pairs, mode="bidirectional")
+        logits = pretraining.nsp_logits(out.hidden, pairs, seps)
         for row, sep in enumerate(seps.tolist()):
             after_a = model(pairs[row:row + 1, :sep]).logits[0, -1].log_softmax(-1)  # alone, causal
             after_bos = model(pairs[row:row + 1, :1]).logits[0, -1].log_softmax(-1)
             first_of_b = pairs[row, sep + 1]
             assert got[row] == pytest.approx(float(after_a[first_of_b] - after_bos[first_of_b]), abs=1e-4)
-        plain = model.nsp_head(out.hidden[:, 0])
+        plain = pretraining.nsp_head(model, out.hidden)
     assert torch.allclose(logits[:, 0], plain[:, 0]) and torch.allclose(logits[:, 1], plain[:, 1] + got)
+
+
+def test_an_old_state_dict_with_nsp_keys_loads(tmp_path):
+    """Checkpoints from before the NSP head left the base model keep ``nsp_head.*`` in model.safetensors:
+    the base model drops them, `FlashLMForPretraining` reads its head from them."""
+    from safetensors.torch import save_file
+
+    model = make_model()
+    head = {"nsp_head.weight": torch.randn(2, model.cfg.d_model), "nsp_head.bias": torch.tensor([0.5, -0.5])}
+    old = {**model.state_dict(), **head}
+    fresh = make_model(seed=3)
+    fresh.load_state_dict(old)  # strict: the head keys are dropped, not unexpected
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    model.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "model.safetensors"))
+    loaded = FlashLM.from_pretrained(tmp_path)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    pretraining = FlashLMForPretraining.from_pretrained(tmp_path)
+    assert torch.equal(pretraining.nsp_head.weight, head["nsp_head.weight"])
+    assert torch.equal(pretraining.nsp_head.bias, head["nsp_head.bias"])
+    pretraining.save_pretrained(tmp_path / "new")  # the new layout: the head in its own file
+    assert (tmp_path / "new" / NSP_HEAD_FILE).is_file()
+    again = FlashLMForPretraining.from_pretrained(tmp_path / "new")
+    assert torch.equal(again.nsp_head.weight, head["nsp_head.weight"])
+    assert set(FlashLM.from_pretrained(tmp_path / "new").state_dict()) == set(model.state_dict())
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

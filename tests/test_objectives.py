@@ -29,8 +29,9 @@ from flashlm.data.batches import (
 from flashlm.data.masking import Masking
 from flashlm.errors import ConfigError, DataError
 from flashlm.evaluate.masked import fill_mask, masked_metrics, trained_next_token
+from flashlm.model.heads import NSP_HEAD_FILE, FlashLMForPretraining, NSPHead
 from flashlm.model.transformer import FlashLM
-from flashlm.train.checkpoint import latest_checkpoint
+from flashlm.train.checkpoint import latest_checkpoint, load_train_state
 from flashlm.train.loop import train
 from flashlm.train.mixing import cycle, mix_terms, term_for_step
 from flashlm.train.objectives import build_objective, hybrid_objective
@@ -215,16 +216,26 @@ def test_objective_and_objectives_conflict(tmp_path):
     with pytest.raises(ConfigError, match="train.objectives"):
         tiny_config(tmp_path, tmp_path, "train.objective=hybrid")
     cfg = tiny_config(tmp_path, tmp_path, "train.objective=hybrid", HYBRID)
-    assert build_objective(cfg.train).name == "hybrid" and build_objective(cfg.train).frozen == ()
+    hybrid = build_objective(cfg.train, cfg.model)
+    assert hybrid.name == "hybrid" and hybrid.frozen == () and isinstance(hybrid.loss.nsp_head, NSPHead)
+    assert [n for n, _ in hybrid.loss.named_parameters()] == ["nsp_head.weight", "nsp_head.bias"]
     plain = tiny_config(tmp_path, tmp_path, "train.objectives={clm: {ratio: 1}, mlm: {ratio: 1}}")
-    assert build_objective(plain.train).frozen == ("nsp_head",)
+    no_nsp = build_objective(plain.train, plain.model)  # no NSP: no head at all, nothing frozen
+    assert no_nsp.frozen == () and not list(no_nsp.loss.parameters())
+    with pytest.raises(ConfigError, match="model config"):
+        build_objective(cfg.train)  # the head's size comes from the model
     assert RunConfig.from_dict(cfg.to_dict()).train.objectives == cfg.train.objectives  # round trip
+
+
+def first_nsp_step(seen: list[dict]) -> int:
+    return next((i + 1 for i, s in enumerate(seen) if not s["nsp_loss"]), 10**9)
 
 
 def test_hybrid_steps_report_the_same_metric_keys(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path, HYBRID, MASKING, "train.seq_len=48")
-    objective = build_objective(cfg.train)
+    objective = build_objective(cfg.train, get_preset("nano"))
     model = FlashLM(get_preset("nano"))
+    head = objective.loss.nsp_head
     stream = docs_stream()
     keys, seen = set(), []
     for step in range(1, 9):
@@ -234,7 +245,7 @@ def test_hybrid_steps_report_the_same_metric_keys(tmp_path):
         keys.add(tuple(metrics))
         seen.append({k: math.isnan(float(v)) for k, v in metrics.items()})
         assert math.isfinite(float(loss.detach()))
-        assert model.nsp_head.weight.grad is not None  # touched on every step (DDP needs it)
+        assert (head.weight.grad is not None) == (step >= first_nsp_step(seen))  # the objective's head trains
     assert keys == {("clm_loss", "clm_acc", "mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc")}
     clm_steps = [s for s in seen if not s["clm_loss"]]
     assert len(clm_steps) == 2 and all(s["mlm_loss"] and s["nsp_acc"] for s in clm_steps)
@@ -273,6 +284,36 @@ def test_single_masked_objectives_train(shards, tmp_path):
         assert ("nsp_acc" in row) == (name == "nsp")
 
 
+def test_the_nsp_objective_trains_and_saves_its_own_head(shards, tmp_path):
+    cfg = tiny_config(shards, tmp_path / "nsp", "train.objective=nsp", "train.steps=2", "train.save_every=2")
+    train(cfg)
+    ckpt = latest_checkpoint(tmp_path / "nsp" / "checkpoints")
+    assert (ckpt / NSP_HEAD_FILE).is_file() and not any("nsp" in k for k in FlashLM.from_pretrained(ckpt).state_dict())
+    trained = FlashLMForPretraining.from_pretrained(ckpt).nsp_head
+    assert not torch.equal(trained.weight, NSPHead.as_drawn_by_flashlm(cfg.model, cfg.train.seed).weight)  # trained
+    clm = tiny_config(shards, tmp_path / "clm", "train.steps=2", "train.save_every=2")
+    train(clm)  # no NSP: no head anywhere
+    ckpt = latest_checkpoint(tmp_path / "clm" / "checkpoints")
+    assert not (ckpt / NSP_HEAD_FILE).exists() and "objective" not in load_train_state(ckpt)
+
+
+def test_a_checkpoint_from_before_the_heads_moved_resumes(shards, tmp_path):
+    """An older checkpoint holds a (frozen, untrained) nsp_head in model.safetensors: a run without NSP
+    resumes from it exactly, the head's keys dropped."""
+    from safetensors.torch import load_file, save_file
+
+    settings = ("train.steps=4", "train.save_every=2", "train.eval_every=2")
+    whole = train(tiny_config(shards, tmp_path / "whole", *settings))
+    first = train(tiny_config(shards, tmp_path / "split", *settings), callback=lambda step, row: step == 2)
+    ckpt = latest_checkpoint(tmp_path / "split" / "checkpoints")
+    state = load_file(str(ckpt / "model.safetensors"))
+    d = tiny_config(shards, tmp_path, *settings).model.d_model
+    state.update({"nsp_head.weight": torch.zeros(2, d), "nsp_head.bias": torch.zeros(2)})
+    save_file(state, str(ckpt / "model.safetensors"))
+    second = train(tiny_config(shards, tmp_path / "split", *settings, "train.resume=true"))
+    assert rows_of(first) + rows_of(second) == rows_of(whole)
+
+
 @pytest.fixture(scope="module")
 def hybrid_model(shards, tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "hybrid_run"
@@ -283,7 +324,12 @@ def hybrid_model(shards, tmp_path_factory):
 def test_masked_metrics_and_fill_mask(shards, hybrid_model):
     from flashlm.tokenizer import Tokenizer
 
-    model = FlashLM.from_pretrained(hybrid_model)
+    assert (hybrid_model / NSP_HEAD_FILE).is_file()  # the objective's trained head, saved with the model
+    model = FlashLMForPretraining.from_pretrained(hybrid_model)
+    state = load_train_state(hybrid_model)["objective"]
+    assert torch.equal(model.nsp_head.weight, state["nsp_head.weight"])
+    with pytest.raises(TypeError, match="NSP head"):
+        masked_metrics(model.model, shards, seq_len=32, windows=8, pairs=16)
     metrics = masked_metrics(model, shards, seq_len=32, windows=8, pairs=16)
     assert 0 <= metrics["mlm_acc"] <= 1 and 0 <= metrics["nsp_acc"] <= 1 and metrics["masked_tokens"] > 10
     assert masked_metrics(model, shards, seq_len=32, windows=8, pairs=16) == metrics  # fixed batches
@@ -330,7 +376,8 @@ def test_recipes_load():
     assert [t.name for t in mix_terms(tiny.train.objectives)] == ["clm", "mlm"]
     assert any(t.uses_nsp for t in mix_terms(tiny.train.objectives))
     bert = load_run_config("configs/bert-style.yaml")
-    assert build_objective(bert.train).frozen == () and "clm" not in bert.train.objectives
+    assert isinstance(build_objective(bert.train, bert.model).loss.nsp_head, NSPHead)
+    assert "clm" not in bert.train.objectives
     assert load_run_config("configs/causal.yaml").train.objective == "clm"
 
 
@@ -346,7 +393,7 @@ def hybrid_run(tinystories_shards, tmp_path_factory):
 
     MLM and causal LM learn at this scale. NSP has no shortcut in the pairs (tests/test_masking.py); its
     cues, the junction and shared names, are relational, and the NSP head alone does not learn them
-    (docs/notes/nsp.md). It learns through the causal LM's junction evidence (`FlashLM.nsp_logits`).
+    (docs/notes/nsp.md). It learns through the causal LM's junction evidence (`NSPHead`).
     """
     tmp_path = tmp_path_factory.mktemp("hybrid")
     threads = torch.get_num_threads()
@@ -358,7 +405,7 @@ def hybrid_run(tinystories_shards, tmp_path_factory):
                           "train.warmup_steps=20", "train.log_every=50", "train.eval_every=700",
                           "train.save_every=700")
         summary = train(cfg)
-        model = FlashLM.from_pretrained(latest_checkpoint(tmp_path / "checkpoints"))
+        model = FlashLMForPretraining.from_pretrained(latest_checkpoint(tmp_path / "checkpoints"))
         metrics = masked_metrics(model, shards, seq_len=128, pairs=512)
     finally:
         torch.set_num_threads(threads)
@@ -388,12 +435,13 @@ def test_nsp_head_learns_when_pairs_carry_a_cue():
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
     stream = TokenStream(np.concatenate(docs).astype(np.uint16), offsets, 2, SPECIALS)
     torch.manual_seed(0)
-    model = FlashLM(get_preset("nano"))
+    model = FlashLMForPretraining(FlashLM(get_preset("nano")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     before = nsp_accuracy(model, stream, seq_len=48, pairs=256, seed=1)["nsp_acc"]
     model.train()
     for step in range(300):
-        loss, _ = masked_loss(model, nsp_batch(stream, BatchSlot(0, step, 32), 48, Masking(rate=0.15)), 1.0)
+        batch = nsp_batch(stream, BatchSlot(0, step, 32), 48, Masking(rate=0.15))
+        loss, _ = masked_loss(model.model, batch, 1.0, model.nsp_head)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

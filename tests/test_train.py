@@ -12,15 +12,17 @@ from safetensors.torch import load_file
 from train_utils import build_shards, tiny_config
 from typer.testing import CliRunner
 
-import flashlm
 from flashlm.cli import app
 from flashlm.config import TrainConfig, get_preset
 from flashlm.errors import ConfigError, DataError
 from flashlm.model.transformer import FlashLM
 from flashlm.tokenizer import Tokenizer
+from flashlm.train import train as train_entry
 from flashlm.train.checkpoint import latest_checkpoint, list_checkpoints
-from flashlm.train.loop import lr_factor, param_groups, read_metrics, train
+from flashlm.train.loop import train
 from flashlm.train.objectives import Objective, clm_loss, get_objective
+from flashlm.train.optim import lr_factor, param_groups
+from flashlm.train.runlog import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_exact_resume_is_bit_identical(shards, tmp_path):
 def test_loss_decreases_on_real_text(shards, tmp_path):
     cfg = tiny_config(shards, tmp_path, "train.steps=30", "train.batch_size=8", "train.eval_every=15",
                       "train.save_every=100", "train.warmup_steps=5")
-    summary = flashlm.train(cfg)
+    summary = train_entry(cfg)  # the public entry point, flashlm.train.train
     train_losses = [r["loss"] for r in summary["history"] if "loss" in r]
     evals = [r["val_loss"] for r in summary["history"] if "val_loss" in r]
     assert sum(train_losses[-5:]) / 5 < sum(train_losses[:5]) / 5 - 0.5
@@ -135,12 +137,12 @@ def test_schedules():
 
 def test_no_weight_decay_on_norms_and_embeddings():
     model = FlashLM(get_preset("nano"))
-    model.nsp_head.requires_grad_(False)
+    model.final_norm.requires_grad_(False)
     decay, plain = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith("proj.weight") for p in decay["params"])
-    assert {names[id(p)] for p in plain["params"]} >= {"embed.weight", "final_norm.weight"}
-    assert not any(names[id(p)].startswith("nsp_head") for g in (decay, plain) for p in g["params"])
+    assert {names[id(p)] for p in plain["params"]} >= {"embed.weight", "layers.0.attn_norm.weight"}
+    assert not any(names[id(p)].startswith("final_norm") for g in (decay, plain) for p in g["params"])
     assert plain["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
 
 

@@ -25,9 +25,9 @@ def check_precision(value: str) -> str:
 
 def eval_device(device: str) -> str:
     """--device: "auto" is cuda when available, else cpu."""
-    import torch
+    from flashlm.hardware import default_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return str(default_device(device)) if device == "auto" else device
 
 
 def eval_load(model_dir: Path, device: str, tokenizer: bool = True):

@@ -140,7 +140,7 @@ def eval_longrange(
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
 ) -> None:
     """Passkey retrieval and MQAR on small models trained here, local/global vs all-global; KV bytes."""
-    from flashlm.evaluate.longrange import LongRangeConfig, write_longrange
+    from flashlm.tasks.longrange import LongRangeConfig, write_longrange
 
     changes = {"threads": threads, "n_layers": layers, "d_model": d_model, "train_len": train_len,
                "passkey_samples": samples, "seed": seed, "minutes": minutes}
@@ -173,7 +173,7 @@ def eval_all(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
     """Every task that applies to MODEL (fine-tuned tasks on copies of it), then report.md with plots."""
-    from flashlm.evaluate.report import evaluate_all
+    from flashlm.tasks.run_all import evaluate_all
 
     report = evaluate_all(model_dir, out, quick=quick, data=data or (), cloze_file=cloze_file, minutes=minutes,
                           tasks=tasks.split(",") if tasks else None, threads=threads, device=device, log=_log)
@@ -238,7 +238,7 @@ def eval_babi(
     save: SaveOpt = None,
 ) -> None:
     """Fine-tune on the bAbI 1k training sets (prefix LM) and report exact-match accuracy per task."""
-    from flashlm.evaluate.finetuned import evaluate_babi
+    from flashlm.tasks.finetuned import evaluate_babi
 
     path, results = evaluate_babi(
         out, model=model, preset=preset, data=data, tasks=tasks, per_task=per_task, jobs=jobs, groups=groups,
@@ -272,7 +272,7 @@ def eval_squad(
     save: SaveOpt = None,
 ) -> None:
     """Fine-tune a span head on a SQuAD-format file and report EM/F1 (official v1.1 normalisation)."""
-    from flashlm.evaluate.finetuned import evaluate_squad
+    from flashlm.tasks.finetuned import evaluate_squad
 
     path, results = evaluate_squad(
         train, eval_file, out, model=model, preset=preset, max_len=max_len, doc_stride=doc_stride,
@@ -308,7 +308,7 @@ def eval_translate(
     save: SaveOpt = None,
 ) -> None:
     """Fine-tune a prefix-LM translator and report BLEU and chrF (sacrebleu, detokenised)."""
-    from flashlm.evaluate.finetuned import evaluate_translate
+    from flashlm.tasks.finetuned import evaluate_translate
 
     path, results = evaluate_translate(
         train_src, train_tgt, eval_src, eval_tgt, out, model=model, preset=preset, beam=beam,
@@ -373,7 +373,9 @@ def eval_nsp(
     model, tokenizer = eval_load(model_dir, device)
     stream = open_split(data, tokenizer, split)
     length = _masked_seq_len(model_dir, model, seq_len)
-    results = nsp_accuracy(model, stream, length, pairs, seed=seed)
+    from flashlm.model.heads import FlashLMForPretraining
+
+    results = nsp_accuracy(FlashLMForPretraining.with_head_from(model, model_dir), stream, length, pairs, seed=seed)
     settings = {"split": split, "seq_len": length, "pairs": pairs, "seed": seed}
     path = write_result(out, "nsp", results, model=str(model_dir), data=[data / f"{split}.bin"], seed=seed,
                         settings=settings, scores={"nsp": results["nsp_acc"]})

@@ -37,7 +37,7 @@ def train_command(
 ) -> None:
     """Pre-train a model (also under torchrun: DDP, or FSDP2 with --set train.distributed=fsdp)."""
     from flashlm.config import load_run_config
-    from flashlm.train.loop import train
+    from flashlm.train import train
 
     settings = list(overrides or [])
     if resume:
@@ -62,7 +62,7 @@ def distill_command(
     """Train a student with a teacher (online, or from a `distill cache`) in the training loop."""
     from flashlm.config import load_run_config
     from flashlm.errors import ConfigError
-    from flashlm.train.loop import train
+    from flashlm.train import train
 
     if ctx.invoked_subcommand is not None:
         if config is not None:

@@ -291,7 +291,7 @@ def nsp_batch(stream: TokenStream, slot: BatchSlot, seq_len: int, masking: Maski
     """Next-sentence-prediction micro-batch: ``<bos> A <sep> B <eos>`` pairs of seq_len + 1 tokens.
 
     ``extras["nsp_labels"]`` [B] is 1 where B truly follows A; ``extras["pair_ids"]`` holds the pairs
-    unmasked and ``extras["sep_pos"]`` [B] where their <sep> is (for `FlashLM.nsp_logits`). The pair is
+    unmasked and ``extras["sep_pos"]`` [B] where their <sep> is (for `flashlm.model.heads.NSPHead`). The pair is
     document 0 and its padding document 1 in `doc_ids`, so no real token attends to padding. With
     `masking`, the pair also carries MLM masks (targets at masked tokens only); without, every target
     is ignored.

@@ -13,6 +13,9 @@ tokens (prefill, training) c_l is the mean over positions t = 1..T of min(window
 
 Timings come from `generate_tokens` (greedy, KV cache, no early stop): time to first token = prefill
 plus the first pick; decode latency = the time between consecutive tokens.
+
+KV-cache size by layer pattern (`kv_cache_comparison`): keys and values of every layer, local layers
+holding at most their window, per context length for the model's own pattern and for all-global.
 """
 
 from __future__ import annotations
@@ -27,9 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flashlm.config import ModelConfig
+from flashlm.config import ModelConfig, replace
 from flashlm.errors import ConfigError
-from flashlm.evaluate.longrange import kv_cache_comparison
 from flashlm.generate import Sampling, generate_tokens
 from flashlm.hardware import machine_info
 from flashlm.model.cache import KVCache
@@ -122,6 +124,40 @@ class PeakMemory:
         self.increase = self.peak - self._base
 
 
+# ---- KV-cache size by layer pattern --------------------------------------------------------------
+def kv_cache_bytes(cfg: ModelConfig, context: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of keys and values for `context` tokens: local layers hold min(window, context) entries."""
+    entries = sum(min(cfg.sliding_window, context) if kind == "local" else context for kind in cfg.layer_types)
+    element = torch.empty((), dtype=dtype).element_size()
+    return batch_size * entries * 2 * cfg.n_kv_heads * cfg.head_dim * element
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, context: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """KV-cache bytes per token of context (one sequence)."""
+    return kv_cache_bytes(cfg, context, 1, dtype) / context
+
+
+def kv_cache_comparison(
+    cfg: ModelConfig,
+    contexts: Sequence[int] = (2048, 8192, 32768),
+    patterns: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[dict[str, Any]]:
+    """Bytes (total and per token) at each context for each layer pattern, the other dimensions kept.
+
+    Default patterns: the model's own and all-global ("G"); Gemma's "LLLLLG" if the model has no local layer.
+    """
+    if patterns is None:
+        patterns = (cfg.layer_pattern if "L" in cfg.layer_pattern else "LLLLLG", "G")
+    rows = []
+    for pattern in dict.fromkeys(patterns):
+        variant = replace(cfg, layer_pattern=pattern, max_seq_len=max(cfg.max_seq_len, cfg.sliding_window))
+        for context in contexts:
+            total = kv_cache_bytes(variant, context, 1, dtype)
+            rows.append({"pattern": pattern, "context": context, "bytes": total, "bytes_per_token": total / context})
+    return rows
+
+
 # ---- timing -------------------------------------------------------------------------------------
 def _prompts(vocab_size: int, batch_size: int, length: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
@@ -209,6 +245,9 @@ __all__ = [
     "PeakMemory",
     "efficiency",
     "flops_per_token",
+    "kv_cache_bytes",
+    "kv_cache_bytes_per_token",
+    "kv_cache_comparison",
     "matmul_params",
     "mean_causal_keys",
     "measure_batch",

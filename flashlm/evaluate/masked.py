@@ -5,7 +5,8 @@ Both metrics run on fixed, deterministic batches of a held-out shard split (defa
 - **MLM accuracy**: evenly spaced windows, each masked with its own generator seeded by
   ``(seed, window index)``; top-1 accuracy over the masked tokens. ``unigram_acc`` is the accuracy of
   always predicting the most frequent masked token (the best any context-free guess can do).
-- **NSP accuracy**: ``<bos> A <sep> B <eos>`` pairs, one generator per pair, without masks.
+- **NSP accuracy**: ``<bos> A <sep> B <eos>`` pairs, one generator per pair, without masks; the model
+  is a `FlashLMForPretraining` (a FlashLM with its NSP head: ``FlashLMForPretraining.from_pretrained``).
 
 A model predicts masked tokens either at the previous position (masked next-token prediction,
 GPT-BERT, the default) or in place (BERT). `trained_next_token` reads which one from a checkpoint's
@@ -135,7 +136,12 @@ def _masked_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
 def nsp_accuracy(
     model: nn.Module, stream: TokenStream, seq_len: int = 128, pairs: int = 512, batch_size: int = 32, seed: int = 0
 ) -> dict[str, Any]:
-    """Accuracy of the NSP head on `pairs` fixed held-out pairs (half true continuations on average)."""
+    """Accuracy of the NSP head on `pairs` fixed held-out pairs (half true continuations on average).
+
+    `model` carries the head (`flashlm.model.heads.FlashLMForPretraining`)."""
+    if not hasattr(model, "nsp_logits"):
+        raise TypeError(f"nsp_accuracy needs a model with its NSP head, not a bare {type(model).__name__}: "
+                        "load it with FlashLMForPretraining.from_pretrained (flashlm.model.heads)")
     model.eval()
     hits, positives = 0, 0
     for first in range(0, pairs, batch_size):
@@ -162,7 +168,8 @@ def masked_metrics(
     batch_size: int = 16,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """MLM and NSP accuracy of `model` on a held-out shard split: {mlm_acc, nsp_acc, ...}."""
+    """MLM and NSP accuracy of `model` (a `FlashLMForPretraining`) on a held-out shard split:
+    {mlm_acc, nsp_acc, ...}."""
     stream = open_split(shards_dir, tokenizer, split)
     seq_len = min(seq_len or 128, model.cfg.max_seq_len)
     mlm = mlm_accuracy(model, stream, seq_len, windows, batch_size, rate, next_token, seed)

@@ -3,7 +3,8 @@
 Every task writes `results/<task>.json`: the results plus what is needed to reproduce and trust them
 (model path, sha256 of every data file, seed, settings, versions of torch / flashlm / python) and a
 Markdown section, also saved as `results/<task>.md`. Task modules add their own sections to `SECTIONS`
-(`babi`, `translate`); `flashlm.evaluate.report` assembles the sections into `report.md`.
+(`flashlm.tasks.babi`, `flashlm.tasks.translate`); `flashlm.evaluate.report` assembles the sections
+into `report.md`.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ The Gemma flavour maps onto `Gemma3TextConfig` + `Gemma3ForCausalLM` (RMSNorm we
 (1 + w) convention, so norms copy unchanged), the Llama flavour onto `LlamaConfig` +
 `LlamaForCausalLM`. Both sides use the rotate-half RoPE layout, so q/k weights copy unchanged too.
 
-What does not travel: FlashLM's NSP head (HF has no place for it; on import it keeps its fresh
-initialisation). What cannot be expressed is refused with a `FlashLMError`: a Llama export of a model
-with local layers, QK-norm or soft-caps; a Gemma 3 export without QK-norm or with attention
-soft-capping (HF's Gemma 3 attention ignores `attn_logit_softcapping`, so on import it is dropped too,
-matching what transformers computes). The final-logit soft-cap travels both ways.
+What does not travel: the NSP head, which is no part of the base FlashLM (`flashlm.model.heads`; a
+checkpoint keeps it in nsp_head.safetensors, which export leaves behind). What cannot be expressed is
+refused with a `FlashLMError`: a Llama export of a model with local layers, QK-norm or soft-caps; a
+Gemma 3 export without QK-norm or with attention soft-capping (HF's Gemma 3 attention ignores
+`attn_logit_softcapping`, so on import it is dropped too, matching what transformers computes). The
+final-logit soft-cap travels both ways.
 
 `transformers` is imported inside the functions, so `flashlm` works without it installed.
 """
@@ -49,7 +50,7 @@ def _v5() -> bool:
 
 # ---- weight names ---------------------------------------------------------------------------------
 def weight_name_map(cfg: ModelConfig) -> dict[str, str]:
-    """FlashLM parameter name → transformers parameter name (the NSP head has no counterpart)."""
+    """FlashLM parameter name → transformers parameter name."""
     gemma = cfg.flavour == "gemma"
     names = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
     if not cfg.tie_embeddings:

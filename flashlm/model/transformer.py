@@ -1,4 +1,4 @@
-"""The FlashLM transformer: embeddings, blocks, heads (LM, NSP), save/load.
+"""The FlashLM transformer: embeddings, blocks, the LM head, save/load (task heads: `flashlm.model.heads`).
 
 One set of weights runs in three attention modes (causal, bidirectional, prefix), optionally over
 packed documents, and decodes incrementally with a `KVCache`.
@@ -25,6 +25,7 @@ from flashlm.model.cache import KVCache
 from flashlm.model.layers import GatedMLP, RMSNorm, rope_cos_sin
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+HEAD_KEYS = ("nsp_head.",)  # task-head weights older checkpoints keep in the base state dict
 
 
 @dataclass
@@ -85,9 +86,9 @@ class FlashLM(nn.Module):
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
             self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, offset=cfg.flavour == "gemma")
             self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            self.nsp_head = nn.Linear(cfg.d_model, 2)
         self.to_empty(device=device)
         self.gradient_checkpointing = False
+        self._register_load_state_dict_pre_hook(_drop_head_keys)
         if device.type != "meta":
             self.reset_parameters()
 
@@ -175,29 +176,6 @@ class FlashLM(nn.Module):
         cap = self.cfg.final_softcap
         return cap * torch.tanh(logits / cap) if cap is not None else logits
 
-    def nsp_logits(self, hidden: torch.Tensor, pair_ids: torch.Tensor | None = None,
-                   sep_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-sentence-prediction logits [B, 2]: the NSP head on the first position's final state, and,
-        given the unmasked pairs ``pair_ids`` [B, T] with their ``<sep>`` at ``sep_pos`` [B], the causal
-        LM's `junction_evidence` added to the "B follows A" logit."""
-        logits = self.nsp_head(hidden[:, 0])
-        if pair_ids is None or sep_pos is None:
-            return logits
-        return logits + F.pad(self.junction_evidence(pair_ids, sep_pos)[:, None].to(logits.dtype), (1, 0))
-
-    def junction_evidence(self, pair_ids: torch.Tensor, sep_pos: torch.Tensor) -> torch.Tensor:
-        """How much A raises the causal LM's probability of B's first token: log p(B₁ | <bos> A) −
-        log p(B₁ | <bos>), per ``<bos> A <sep> B`` row [B]. One causal pass over the A side.
-
-        A [CLS]-style head learns next-sentence prediction only from cues it must discover itself; the
-        model's own left-to-right LM already knows whether B's start continues A, so this evidence tells true
-        from random B where the head alone does not learn to (see docs/notes/nsp.md)."""
-        rows = torch.arange(pair_ids.shape[0], device=pair_ids.device)
-        hidden = self(pair_ids[:, : int(sep_pos.max())], mode="causal", compute_logits=False).hidden
-        first_of_b = pair_ids[rows, sep_pos + 1]
-        logp = self.logits(torch.stack([hidden[rows, sep_pos - 1], hidden[:, 0]])).float().log_softmax(-1)
-        return logp[0, rows, first_of_b] - logp[1, rows, first_of_b]
-
     def _mask_spec(self, B, T, mode, prefix_len, doc_ids, cache, device):
         if cache is None:
             positions = (positions_in_documents(doc_ids) if doc_ids is not None
@@ -272,6 +250,7 @@ class FlashLM(nn.Module):
             state = load_file(str(weights), device=str(device))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{weights}: damaged weights file ({exc}); use another checkpoint") from None
+        state = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
         with torch.device("meta"):
             model = cls(cfg)
         _check_state(model, state, weights)
@@ -283,6 +262,13 @@ class FlashLM(nn.Module):
     def num_parameters(self, include_embedding: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
         return total if include_embedding else total - self.embed.weight.numel()
+
+
+def _drop_head_keys(state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A state dict from before the NSP head left the base model loads: its ``nsp_head.*`` keys are
+    dropped (`flashlm.model.heads.FlashLMForPretraining` reads them)."""
+    for key in [k for k in state if k.startswith(prefix) and k[len(prefix):].startswith(HEAD_KEYS)]:
+        del state[key]
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:

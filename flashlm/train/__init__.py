@@ -1,26 +1,29 @@
 """Training: objectives, checkpoints and the loop.
 
-`flashlm.train(cfg)` calls `flashlm.train.loop.train`: this package is callable, so the name works
-whether ``flashlm.train`` resolves to the package (once any submodule is imported) or not.
+`train(cfg)` (``from flashlm.train import train``) is the entry point: it picks the run's objective
+(the distillation objective for a run with a ``distill:`` section, built by `flashlm.train.distill`)
+and runs `flashlm.train.loop.train`, which takes an objective and never builds one around a teacher.
+Imports are lazy: torch loads only when training.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 
 def train(cfg: Any, callback: Any = None, objective: Any = None) -> dict[str, Any]:
-    """Run `flashlm.train.loop.train` (imported lazily: torch loads only when training)."""
+    """Train `cfg` (a `flashlm.config.RunConfig`) and return the loop's summary.
+
+    `objective` replaces ``train.objective``: an `Objective`, or a factory ``objective(data, env)`` that the
+    loop calls once the data is open. With a ``distill:`` section an `Objective` other than the distillation
+    one is the base that the distillation objective wraps (the run's own objective when None)."""
     from flashlm.train.loop import train as run
 
+    if cfg.distill is not None and (objective is None or getattr(objective, "name", "distill") != "distill"):
+        from flashlm.train.distill import distill_objective_for
+
+        objective = distill_objective_for(cfg, objective)
     return run(cfg, callback, objective)
 
 
-class _CallableModule(types.ModuleType):
-    def __call__(self, cfg: Any, callback: Any = None, objective: Any = None) -> dict[str, Any]:
-        return train(cfg, callback, objective)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+__all__ = ["train"]

@@ -2,6 +2,7 @@
 
 A checkpoint is a directory ``<out>/checkpoints/step_000123/`` holding ``model.safetensors`` and
 ``config.json`` (a `FlashLM.from_pretrained` directory), ``tokenizer.json`` when the run has one,
+``nsp_head.safetensors`` when the objective trains an NSP head (`FlashLMForPretraining.from_pretrained`),
 and ``train_state.pt``: step, optimizer and schedule state, RNG states and the run config, stored
 as tensors and primitive containers only, so it loads with ``torch.load(weights_only=True)``.
 
@@ -16,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 
 from flashlm.config import ModelConfig
 from flashlm.errors import CheckpointError
+from flashlm.model.heads import nsp_state, save_nsp_head
 from flashlm.model.transformer import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, FlashLM
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -34,8 +35,6 @@ REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE)
 STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "config")
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d+)$")
-# Test hook "STEP:SECONDS": sleep that long between the weights and train_state.pt of that step.
-PAUSE_ENV = "FLASHLM_TEST_SAVE_PAUSE"
 
 
 def checkpoint_name(step: int) -> str:
@@ -85,7 +84,10 @@ def resolve_resume(resume: bool | str, out: str | Path) -> Path | None:
 def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Tensor], model_cfg: ModelConfig,
                     train_state: dict[str, Any], tokenizer_file: str | Path | None = None,
                     keep_last: int | None = None) -> Path:
-    """Write ``root/step_<step>`` atomically from full (unsharded, CPU) states; prune to `keep_last`."""
+    """Write ``root/step_<step>`` atomically from full (unsharded, CPU) states; prune to `keep_last`.
+
+    An NSP head among the objective's weights (``train_state["objective"]``) is also written as
+    ``nsp_head.safetensors``, so the checkpoint evaluates NSP like any pre-training model directory."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
@@ -93,10 +95,12 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     _model_from_state(model_state, model_cfg).save_pretrained(tmp)
+    head = nsp_state(train_state.get("objective") or {})
+    if head:
+        save_nsp_head(tmp, head)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         _fsync(tmp / TOKENIZER_FILE)
-    _test_pause(step)
     torch.save({"format": FORMAT, **train_state, "step": step}, tmp / STATE_FILE)
     _fsync(tmp / STATE_FILE)
     _fsync(tmp)
@@ -149,14 +153,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _test_pause(step: int) -> None:
-    spec = os.environ.get(PAUSE_ENV, "")
-    if spec:
-        at, seconds = spec.split(":")
-        if int(at) == step:
-            time.sleep(float(seconds))
 
 
 # ---- loading ------------------------------------------------------------------------------------

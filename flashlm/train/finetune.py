@@ -7,34 +7,36 @@ padding sits in its own document (``doc_ids``), so no real token ever attends to
 targets are ignored.
 
 `fit` is the loop itself, shared with other heads (the SQuAD span head): deterministic shuffling by
-seed (with optional length bucketing, which cuts padding), AdamW with the pre-training loop's
-parameter groups and warmup + cosine schedule, gradient clipping, a rich progress bar, and both a
-step and a time budget. Warmup counts steps; the cosine after it follows the share of the run done,
-steps or time, whichever is further along, so a run cut short by the clock still ends decayed.
+seed (with optional length bucketing, which cuts padding), and from `flashlm.train.optim` (what the
+pre-training loop uses too) AdamW with its parameter groups, the cosine, autocast and the update
+(clip, step, zero); the progress bar is `flashlm.train.progress`'s. It has both a step and a time
+budget: `FitSchedule` warms up over steps, and its cosine follows the share of the run done, steps
+or time, whichever is further along, so a run cut short by the clock still ends decayed.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from flashlm.config import ModelConfig, TrainConfig, get_preset, replace
+from flashlm.config import ModelConfig, get_preset, replace
 from flashlm.data.batches import IGNORE_INDEX, Batch
 from flashlm.errors import ConfigError
 from flashlm.model.transformer import FlashLM
-from flashlm.train.loop import autocast_for, build_optimizer, clip_gradients, lr_factor, seed_everything
+from flashlm.train.objectives import prefix_lm_loss
+from flashlm.train.optim import adamw, apply_update, autocast_for, cosine, seed_everything, set_lr
+from flashlm.train.progress import progress_bar
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-SCHEDULE_STEPS = 10_000  # resolution of the cosine, indexed by the fraction of the budget used
+COSINE_RESOLUTION = 10_000  # FitSchedule reads the cosine at the share of the run done, rounded to 1/this
 
 
 class Example(NamedTuple):
@@ -85,20 +87,28 @@ class FinetuneConfig:
             if not ok:
                 raise ConfigError(f"finetune.{key}: {msg}, got {getattr(self, key)!r}")
 
-    def train_config(self) -> TrainConfig:
-        """The pre-training loop's config with these optimizer settings and a cosine over
-        `SCHEDULE_STEPS` without warmup (`fit` warms up by steps and indexes it by progress)."""
-        return TrainConfig(
-            steps=SCHEDULE_STEPS,
-            lr=self.lr,
-            min_lr_ratio=self.min_lr_ratio,
-            warmup_steps=0,
-            weight_decay=self.weight_decay,
-            betas=self.betas,
-            grad_clip=self.grad_clip,
-            seed=self.seed,
-            device="cpu",
-        )
+
+@dataclass(frozen=True)
+class FitSchedule:
+    """`fit`'s learning rate over a run of its real length: for step `step` (0-based), a linear warmup over
+    `warmup` steps (at most a tenth of the run), times a cosine from 1 to `floor` over `progress`, the share
+    of the run done (of its steps, or of its time budget when the clock runs ahead; `_Run.progress`).
+
+    The cosine is read at that share rounded to 1/`COSINE_RESOLUTION`: the recorded fine-tuning figures
+    were made with that rounding, and keeping it keeps them reproducible bit for bit."""
+
+    lr: float
+    floor: float
+    warmup: int
+
+    @classmethod
+    def of(cls, cfg: FinetuneConfig, total: int) -> FitSchedule:
+        """The schedule of a run of `total` steps."""
+        return cls(cfg.lr, cfg.min_lr_ratio, min(cfg.warmup_steps, max(total // 10, 1)))
+
+    def __call__(self, step: int, progress: float) -> float:
+        warm = min(1.0, (step + 1) / self.warmup)
+        return self.lr * warm * cosine(round(progress * COSINE_RESOLUTION) / COSINE_RESOLUTION, self.floor)
 
 
 # ---- examples -----------------------------------------------------------------------------------
@@ -135,20 +145,6 @@ def collate_prefix(examples: Sequence[Example], pad_id: int = 0) -> Batch:
         targets[row, first:n] = ids[first + 1 :]
     prefix_len = torch.tensor([e.prefix_len for e in examples], dtype=torch.long)
     return Batch(inputs, targets, "prefix", doc_ids, prefix_len)
-
-
-def prefix_lm_loss(model: nn.Module, batch: Batch, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens; logits only where there is a target."""
-    out = model(
-        batch.input_ids,
-        mode=batch.mode,
-        prefix_len=batch.prefix_len,
-        doc_ids=batch.doc_ids,
-        compute_logits=False,
-    )
-    keep = batch.targets != IGNORE_INDEX
-    logits = model.logits(out.hidden[keep])
-    return F.cross_entropy(logits.float(), batch.targets[keep], label_smoothing=label_smoothing)
 
 
 # ---- batching -----------------------------------------------------------------------------------
@@ -201,11 +197,10 @@ def fit(
     total = math.ceil(cfg.epochs * per_epoch)
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    tcfg = cfg.train_config()
-    warmup = min(cfg.warmup_steps, max(total // 10, 1))
+    schedule = FitSchedule.of(cfg, total)
     seed_everything(cfg.seed)
     device = next(module.parameters()).device
-    optimizer = build_optimizer(module, tcfg, device)
+    optimizer = adamw(module, cfg.lr, cfg.weight_decay, cfg.betas, device)
     amp = autocast_for(cfg.precision, device)
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     state = _Run(total=total, budget=budget, clock=cfg.clock)
@@ -214,8 +209,7 @@ def fit(
         for step, rows in enumerate(_batch_stream(lengths, cfg)):
             if step >= total or state.out_of_time() or state.converged(cfg.stop_loss, cfg.stop_windows):
                 break
-            cosine = lr_factor(round(state.progress(step) * SCHEDULE_STEPS), tcfg)
-            _set_lr(optimizer, cfg.lr * min(1.0, (step + 1) / warmup) * cosine)
+            set_lr(optimizer, schedule(step, state.progress(step)))
             batch = collate([items[i] for i in rows])
             loss = _train_step(module, optimizer, loss_fn, _to(batch, device), cfg.grad_clip, amp)
             state.record(step, loss, sum(lengths[i] for i in rows), cfg.log_every)
@@ -229,7 +223,7 @@ def finetune(model: FlashLM, examples: Sequence[Any], cfg: FinetuneConfig,
              lengths: Sequence[int] | None = None) -> dict[str, Any]:
     """Prefix-LM fine-tuning of ``model`` on framed examples (see `make_example`), or on any items that
     ``collate`` turns into prefix-LM batches (then ``lengths`` gives their tokens, for bucketing)."""
-    loss = lambda m, b: prefix_lm_loss(m, b, cfg.label_smoothing)
+    loss = lambda m, b: prefix_lm_loss(m, b, cfg.label_smoothing, rows_equal=False)[0]
     if collate is None:
         collate, lengths = collate_prefix, [len(e.ids) for e in examples]
     return fit(model, examples, collate, loss, cfg, lengths)
@@ -246,15 +240,8 @@ def _train_step(
     with amp():
         loss = loss_fn(module, batch)
     loss.backward()
-    clip_gradients(module, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_update(module, optimizer, grad_clip)
     return float(loss.detach())
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -345,16 +332,14 @@ class _progress:
     def __enter__(self) -> Callable[[_Run], None]:
         if not self.enabled:
             return lambda state: None
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(
+        self.bar = progress_bar(
             TextColumn("[bold]fine-tune"),
             BarColumn(),
             TaskProgressColumn(),
             TextColumn("step {task.fields[step]}  loss {task.fields[loss]}"),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
         )
         self.task = self.bar.add_task("fine-tune", total=1.0, loss="-", step=0)
         self.bar.start()
@@ -375,36 +360,6 @@ def prompt_ids(tokenizer: Any, source: str, limit: int, keep: str = "start") -> 
     ids = tokenizer.encode(source)
     ids = ids[:limit] if keep == "start" else ids[max(len(ids) - limit, 0) :]
     return [tokenizer.bos_id, *ids, tokenizer.sep_id]
-
-
-def length_batches(prompts: Sequence[Sequence[int]], size: int) -> Iterator[list[int]]:
-    """Indices of ``prompts`` in batches of ``size``, shortest first (little padding)."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for first in range(0, len(order), size):
-        yield order[first : first + size]
-
-
-@torch.no_grad()
-def greedy_decode(
-    model: FlashLM,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int = 0,
-    batch_size: int = 64,
-) -> list[list[int]]:
-    """Greedy prefix-LM continuations of ``<bos> source <sep>`` prompts, without the final <eos>."""
-    from flashlm.generate import Sampling, generate_tokens
-
-    model.eval()
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, prefix_lm=True)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for rows in length_batches(prompts, batch_size):
-        for step in generate_tokens(model, [prompts[i] for i in rows], sampling, eos_id=eos_id, pad_id=pad_id):
-            for i, token in zip(rows, step, strict=True):
-                if token is not None and token != eos_id:
-                    outputs[i].append(token)
-    return outputs
 
 
 # ---- models from scratch ------------------------------------------------------------------------
@@ -430,14 +385,12 @@ def new_model(
 __all__ = [
     "Example",
     "FinetuneConfig",
+    "FitSchedule",
     "collate_prefix",
     "epoch_batches",
     "finetune",
     "fit",
-    "greedy_decode",
-    "length_batches",
     "make_example",
     "new_model",
-    "prefix_lm_loss",
     "prompt_ids",
 ]

@@ -1,15 +1,17 @@
 """The training loop: one plain function, `train(cfg)`, over plain parts.
 
-Parts: the model (wrapped in DDP or sharded with FSDP2 when launched by torchrun), AdamW, a
-LambdaLR schedule, the token streams, an `Objective` (batch maker + loss) and a small run log.
+Parts: the model (wrapped in DDP or sharded with FSDP2 when launched by torchrun), AdamW and its
+LambdaLR schedule (`flashlm.train.optim`, shared with fine-tuning), the token streams
+(`flashlm.train.rundata`), an `Objective` (batch maker + loss) and a small run log
+(`flashlm.train.runlog`).
 
+- **The objective** is given, never built around a teacher here: distillation is an objective
+  (`flashlm.train.distill.distill_objective`), which `flashlm.train.train` builds for a run with a
+  ``distill:`` section. An objective that needs the run's data or device is passed as a factory,
+  ``objective(data, env) -> Objective``, called once the data is open.
 - **Batches** are a pure function of the step (see `flashlm.data.batches`), so resuming restores
   weights, optimizer, schedule and RNG and simply continues at the next step: the losses match an
   uninterrupted run bit for bit on CPU.
-- **Weight decay** applies to the projection matrices only. Norm gains and biases set scales rather
-  than store features, and decaying the embedding (also the tied LM head) shrinks the rows of rare
-  tokens between their sparse updates; so none of them is decayed.
-- **Precision**: bf16 autocast on CUDA ("auto"), fp32 on CPU; parameters and optimizer stay fp32.
 - **Distributed**: each rank draws its own rows of the step's global batch; gradients are averaged
   by DDP (``no_sync`` on non-final micro-steps) or FSDP2; rank 0 alone writes logs and checkpoints.
 - **Micro-batches** weigh equally: the step loss is the mean of the micro-batch mean losses.
@@ -17,10 +19,7 @@ LambdaLR schedule, the token streams, an `Objective` (batch maker + loss) and a 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -28,15 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from flashlm.config import RunConfig, TrainConfig, save_yaml
-from flashlm.data.batches import IGNORE_INDEX, BatchSlot, SpecialTokens, TokenStream, eval_batches
-from flashlm.errors import CheckpointError, ConfigError, DataError
-from flashlm.hardware import resolve_precision
+from flashlm.config import RunConfig, TrainConfig, canonical_train_settings
+from flashlm.data.batches import IGNORE_INDEX, BatchSlot, TokenStream, eval_batches
+from flashlm.errors import CheckpointError, ConfigError
 from flashlm.model.transformer import FlashLM
 from flashlm.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -48,68 +45,23 @@ from flashlm.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from flashlm.train.distributed import DistEnv, mean_across_ranks, setup_distributed, teardown
 from flashlm.train.objectives import Metrics, Objective, build_objective, forward, lm_cross_entropy
+from flashlm.train.optim import (
+    Clock,
+    apply_update,
+    autocast_for,
+    build_optimizer,
+    build_scheduler,
+    seed_everything,
+)
+from flashlm.train.rundata import Data, open_data
+from flashlm.train.runlog import RunLog
 
-METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
+__all__ = ["ObjectiveFactory", "Parts", "build_model", "evaluate", "materialize_shards", "resume", "save", "train",
+           "train_step"]
 
-
-# ---- distributed ---------------------------------------------------------------------------------
-@dataclass
-class DistEnv:
-    """This process's place in the run."""
-
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    enabled: bool = False  # launched by torchrun: a process group exists
-    owns_group: bool = False  # we created it, so we destroy it
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """The training device: for auto, cuda:local_rank when CUDA is available, else the CPU."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device: cuda requested but no CUDA device is available; use auto or cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def setup_distributed(device_name: str = "auto") -> DistEnv:
-    """Join the torchrun process group (nccl on CUDA, gloo on CPU) when RANK/WORLD_SIZE are set."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistEnv(pick_device(device_name))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    return DistEnv(device, rank, world, True, owns)
-
-
-def teardown(env: DistEnv) -> None:
-    if env.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def mean_across_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.enabled:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= env.world
-    return values
+ObjectiveFactory = Callable[[Data, DistEnv], Objective]
 
 
 # ---- model and optimizer -------------------------------------------------------------------------
@@ -130,12 +82,6 @@ class Parts:
         if self.extra is None:
             return self.stateful
         return nn.ModuleDict({"model": self.stateful, "objective": self.extra})
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_model(cfg: RunConfig, env: DistEnv, objective: Objective) -> Parts:
@@ -189,170 +135,6 @@ def materialize_shards(model: FlashLM, device: torch.device) -> None:
             param.copy_(full)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; never norms, biases or embeddings. Frozen parameters are left out."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, plain = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 and id(param) not in embeddings else plain).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.betas),
-                             fused=device.type == "cuda")
-
-
-def lr_factor(index: int, tcfg: TrainConfig, clock: float = 0.0) -> float:
-    """Multiplier of the peak lr for optimizer update `index` (0-based): linear warmup, then cosine
-    to min_lr_ratio, or warmup-stable-decay (linear decay over the last decay_fraction of steps).
-
-    `clock` is the share of a wall-clock budget spent (train.minutes): the schedule after warmup
-    follows whichever of the two, steps or time, is further along, so a timed run ends decayed.
-    """
-    if index < tcfg.warmup_steps:
-        return (index + 1) / tcfg.warmup_steps
-    floor = tcfg.min_lr_ratio
-    if tcfg.schedule == "wsd":
-        decay_start = max(tcfg.warmup_steps, tcfg.steps - round(tcfg.decay_fraction * tcfg.steps))
-        progress = (index - decay_start) / max(1, tcfg.steps - decay_start)
-        if clock > 0 and tcfg.decay_fraction > 0:
-            progress = max(progress, (clock - (1.0 - tcfg.decay_fraction)) / tcfg.decay_fraction)
-        if progress < 0:
-            return 1.0
-        return 1.0 - (1.0 - floor) * min(progress, 1.0)
-    progress = min(max((index - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps), clock), 1.0)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@dataclass
-class Clock:
-    """A run's wall-clock budget (train.minutes): seconds spent, across resumes, and the share of the
-    budget spent at the last `sync`, which the lr schedule follows. Rank 0's clock speaks for every
-    rank, so that all ranks use the same lr and stop at the same step."""
-
-    budget: float  # seconds; 0 means no budget
-    spent_before: float = 0.0  # by the runs this one resumes
-    fraction: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-
-    def spent(self) -> float:
-        return self.spent_before + time.perf_counter() - self.started
-
-    def sync(self, env: DistEnv) -> bool:
-        """Update `fraction` (rank 0's reading); True once the budget is spent."""
-        if self.budget <= 0:
-            return False
-        value = torch.tensor([self.spent() / self.budget], dtype=torch.float64, device=env.device)
-        if env.enabled:
-            dist.broadcast(value, src=0)
-        self.fraction = min(float(value), 1.0)
-        return self.fraction >= 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: TrainConfig,
-                    clock: Clock | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda index: lr_factor(index, tcfg, clock.fraction if clock is not None else 0.0))
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
-    """A factory of autocast contexts: bf16 where `precision` resolves to it on `device` ("auto": on CUDA
-    and on CPUs with native bf16, `flashlm.hardware.resolve_precision`), none for fp32."""
-    if resolve_precision(precision, device) != "bf16":
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-# ---- data ----------------------------------------------------------------------------------------
-@dataclass
-class Data:
-    train: TokenStream
-    val: TokenStream | None
-    bytes_per_token: float | None  # of the validation text, for bits per byte
-    tokenizer_file: Path | None  # copied into every checkpoint
-
-
-def open_stream(shards: Any, specials: SpecialTokens | None = None) -> TokenStream:
-    offsets = getattr(shards, "doc_offsets", None)
-    eos = shards.meta.get("eos_id") if isinstance(getattr(shards, "meta", None), dict) else None
-    return TokenStream(shards.tokens, None if offsets is None else np.asarray(offsets), eos, specials)
-
-
-def special_tokens(tokenizer_file: Path | None) -> SpecialTokens | None:
-    """The special ids the masked objectives need, from the run's tokenizer (None when it lacks them)."""
-    from flashlm.tokenizer import Tokenizer
-
-    if tokenizer_file is None:
-        return None
-    try:
-        return SpecialTokens.from_tokenizer(Tokenizer.load(tokenizer_file))
-    except DataError:
-        return None
-
-
-def bytes_per_token(shards: Any) -> float | None:
-    """UTF-8 bytes per token of a split (its text bytes over its tokens); None when unknown.
-
-    Bits per byte then read total nats / (ln 2 · bytes): exact when evaluation covers the split,
-    an estimate from the split's average bytes/token when it covers a sample of windows.
-    """
-    try:
-        n_bytes = int(shards.text_bytes)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return None
-    n_tokens = len(shards.tokens)
-    return n_bytes / n_tokens if n_bytes > 0 and n_tokens else None
-
-
-def open_data(tcfg: TrainConfig, vocab_size: int) -> Data:
-    """Memory-mapped train (and validation) shards, checked against the model and tokenizer."""
-    from flashlm.data.shards import TokenShards
-
-    if not tcfg.data or not Path(tcfg.data).is_dir():
-        raise DataError(f"train.data: {tcfg.data or 'not set'} is not a directory; point it at token shards "
-                        "from `flashlm data prepare`, e.g. --set train.data=DIR")
-    train = TokenShards(tcfg.data, split="train")
-    val = _open_val(tcfg)
-    tokenizer_file = _tokenizer_file(tcfg, train)
-    top = int(train.meta.get("vocab_size", 0) or 0)
-    if top > vocab_size:
-        raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than the shards' vocabulary ({top}); "
-                          f"set model.vocab_size to at least {top}")
-    specials = special_tokens(tokenizer_file)
-    if val is None or len(val.tokens) < tcfg.seq_len + 1:  # no full evaluation window (val_fraction 0)
-        return Data(open_stream(train, specials), None, None, tokenizer_file)
-    return Data(open_stream(train, specials), open_stream(val, specials),
-                bytes_per_token(val) or bytes_per_token(train), tokenizer_file)
-
-
-def _open_val(tcfg: TrainConfig) -> Any:
-    from flashlm.data.shards import TokenShards
-
-    try:
-        return TokenShards(tcfg.val_data or tcfg.data, split="val")
-    except DataError:
-        if tcfg.val_data:
-            raise
-        return None
-
-
-def _tokenizer_file(tcfg: TrainConfig, shards: Any) -> Path | None:
-    """train.tokenizer, else the shard directory's tokenizer.json (if any), checked against the shards."""
-    from flashlm.tokenizer import TOKENIZER_FILE, Tokenizer
-
-    path = Path(tcfg.tokenizer or tcfg.data)
-    path = path / TOKENIZER_FILE if path.is_dir() else path
-    if not path.is_file():
-        if tcfg.tokenizer:
-            raise ConfigError(f"train.tokenizer: no tokenizer at {path}; pass a tokenizer.json or its folder")
-        return None
-    shards.check_tokenizer(Tokenizer.load(path))
-    return path
-
-
 # ---- one step ------------------------------------------------------------------------------------
 @contextmanager
 def grad_sync(parts: Parts, sync: bool) -> Iterator[None]:
@@ -365,13 +147,6 @@ def grad_sync(parts: Parts, sync: bool) -> Iterator[None]:
     else:
         with parts.stateful.no_sync():
             yield
-
-
-def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm (no clipping when max_norm <= 0); return the norm before it."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def train_step(parts: Parts, optimizer: torch.optim.Optimizer, scheduler: Any, objective: Objective,
@@ -392,14 +167,14 @@ def train_step(parts: Parts, optimizer: torch.optim.Optimizer, scheduler: Any, o
         total += loss.detach() / accum
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float() / accum
-    if parts.extra is not None and env.enabled:  # DDP averages the model's gradients only
-        for param in parts.extra.parameters():
-            if param.grad is not None:
+    if parts.extra is not None:  # the objective's parameters (NSP head, projection) step every update,
+        for param in parts.extra.parameters():  # as the model's do: a zero gradient where a step left them out
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
+            if param.grad is not None and env.enabled:  # DDP averages the model's gradients only
                 param.grad.copy_(mean_across_ranks(param.grad, env))
-    grad_norm = clip_gradients(parts.model if parts.extra is None else parts.trained, tcfg.grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = apply_update(parts.model if parts.extra is None else parts.trained, optimizer, tcfg.grad_clip,
+                             scheduler)
     return total, sums, grad_norm
 
 
@@ -506,124 +281,8 @@ def changed_settings(saved: dict[str, Any], tcfg: TrainConfig) -> list[str]:
     """Train settings that differ from the checkpoint's and change which batches a step sees."""
     keys = ("seed", "batch_size", "seq_len", "grad_accum", "objective", "objectives", "masking",
             "packed_attention", "data")
-    return [k for k in keys if saved.get(k) != getattr(tcfg, k)]
-
-
-# ---- logging -------------------------------------------------------------------------------------
-class RunLog:
-    """metrics.jsonl, optional TensorBoard and a rich progress bar; silent off rank 0."""
-
-    def __init__(self, cfg: RunConfig, enabled: bool, start: int) -> None:
-        self.enabled, self.out = enabled, Path(cfg.train.out)
-        self.progress, self.task, self.writer = None, None, None
-        if not enabled:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, self.out / "config.yaml")
-        _truncate_metrics(self.out / METRICS_FILE, start)
-        self.progress = _progress_bar()
-        total = None if cfg.train.minutes else cfg.train.steps  # a timed run ends on the clock
-        precision = resolve_precision(cfg.train.precision, pick_device(cfg.train.device))
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-",
-                                           precision=precision)
-        self.progress.start()
-        if cfg.train.tensorboard:
-            self.writer = _tensorboard(self.out / "tensorboard", self.print)
-
-    def print(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(message, highlight=False)
-
-    def advance(self, row: dict[str, Any]) -> None:
-        if self.progress is None:
-            return
-        fields = {}
-        if "loss" in row:
-            fields = {"loss": f"{row['loss']:.4f}", "tps": f"{row['tokens_per_s']:,.0f}"}
-        self.progress.update(self.task, advance=1, **fields)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.out / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if "val_loss" in row:
-            extra = f", bpb {row['val_bpb']:.4f}" if "val_bpb" in row else ""
-            self.print(f"step {row['step']}: val loss {row['val_loss']:.4f}, ppl {row['val_ppl']:.2f}{extra}")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-        if self.writer is not None:
-            self.writer.close()
-        if self.enabled:
-            plot_losses(self.out / METRICS_FILE, self.out / PLOT_FILE)
-
-
-def _progress_bar() -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]train[/] {task.fields[precision]}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
-
-
-def _tensorboard(directory: Path, warn: Callable[[str], None]) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        warn("train.tensorboard: tensorboard is not installed (pip install tensorboard); skipping it")
-        return None
-    return SummaryWriter(str(directory))
-
-
-def _truncate_metrics(path: Path, start: int) -> None:
-    """Drop rows past the resumed step (a killed run may have logged beyond its last checkpoint)."""
-    if not path.is_file():
-        return
-    rows = read_metrics(path)
-    kept = [r for r in rows if r.get("step", 0) <= start] if start else []
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl file (a torn last line is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def plot_losses(metrics_file: Path, png: Path) -> None:
-    """Training (and validation) loss against step, as a PNG (matplotlib's Agg canvas, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = read_metrics(metrics_file) if metrics_file.is_file() else []
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train and not val:
-        return
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
-        if points:
-            steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, style, label=label)
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="FlashLM training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
+    saved, current = canonical_train_settings(saved), tcfg.to_dict()  # typed masking/objectives as mappings
+    return [k for k in keys if saved.get(k) != current.get(k)]
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -631,19 +290,20 @@ StepCallback = Callable[[int, dict[str, Any]], Any]
 
 
 def train(cfg: RunConfig, callback: StepCallback | None = None,
-          objective: Objective | None = None) -> dict[str, Any]:
+          objective: Objective | ObjectiveFactory | None = None) -> dict[str, Any]:
     """Pre-train `cfg.model` on `cfg.train.data`; returns a summary (step reached, last loss, last
     eval, per-row history, output and checkpoint paths).
 
     Works alone or under ``torchrun`` (DDP, or FSDP2 with ``train.distributed: fsdp``).
     `callback(step, row)` runs after every step on every rank (`row`: what was logged, maybe empty);
     a true return value saves a checkpoint and stops, e.g. for a time budget (return the same
-    value on every rank). `objective` replaces the registry's ``train.objective`` (e.g. one built
-    around a teacher). With a ``distill:`` section the run trains a student: the objective gains
-    the distillation terms (`flashlm.train.distill.distill_objective`).
+    value on every rank). `objective` replaces the registry's ``train.objective``: an `Objective`,
+    or a factory ``objective(data, env)`` called once the data is open (e.g. one loading a teacher).
+    A run with a ``distill:`` section needs the distillation objective: `flashlm.train.train` builds
+    it (`flashlm.train.distill.distill_objective`); this loop never builds a teacher.
     """
     cfg.validate()
-    objective = objective or build_objective(cfg.train)
+    objective = objective or build_objective(cfg.train, cfg.model)
     env = setup_distributed(cfg.train.device)
     try:
         return _run(cfg, objective, env, callback)
@@ -651,13 +311,15 @@ def train(cfg: RunConfig, callback: StepCallback | None = None,
         teardown(env)
 
 
-def _run(cfg: RunConfig, objective: Objective, env: DistEnv, callback: StepCallback | None) -> dict[str, Any]:
+def _run(cfg: RunConfig, objective: Objective | ObjectiveFactory, env: DistEnv,
+         callback: StepCallback | None) -> dict[str, Any]:
     tcfg = cfg.train
     data = open_data(tcfg, cfg.model.vocab_size)
+    if not isinstance(objective, Objective):
+        objective = objective(data, env)
     if cfg.distill is not None and objective.name != "distill":
-        from flashlm.train.distill import distill_objective
-
-        objective = distill_objective(cfg, objective, data, env.device, env.is_main, env.barrier)
+        raise ConfigError(f"distill: the run has a distill: section but trains {objective.name!r}; run it with "
+                          "flashlm.train.train (`flashlm distill`), which builds the distillation objective")
     parts = build_model(cfg, env, objective)
     parts.extra = _place_objective(objective, env, tcfg)
     optimizer = build_optimizer(parts.trained, tcfg, env.device)
@@ -703,9 +365,6 @@ def _place_objective(objective: Objective, env: DistEnv, tcfg: TrainConfig) -> n
     objective.loss.to(env.device)
     if not any(p.requires_grad for p in objective.loss.parameters()):
         return None
-    if env.enabled and tcfg.distributed == "fsdp":
-        raise ConfigError(f"train.distributed: {objective.name} has trainable parameters of its own (a "
-                          "hidden-state projection) that FSDP does not shard yet; use ddp or drop that term")
     return objective.loss
 
 

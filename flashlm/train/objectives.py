@@ -6,14 +6,19 @@ An objective plugs into the loop as an `Objective(name, make_batch, loss)`:
   (a pure function of seed, step and rows, so runs resume exactly);
 - ``loss(model, batch) -> (loss, metrics)`` runs the model and returns the scalar to minimise and a
   dict of detached scalar tensors to log (the loop averages them over micro-steps and ranks);
-- ``frozen`` names parameter prefixes the objective never trains (left out of the optimizer, so
-  DDP sees no unused parameters).
+- ``frozen`` names parameter prefixes of the model the objective never trains (left out of the
+  optimizer, so DDP sees no unused parameters).
+
+A loss that is an `nn.Module` may own trainable heads: the NSP objectives' loss holds the `NSPHead`
+(`flashlm.model.heads`), which the loop trains and checkpoints with the model; objectives without NSP
+have no head at all.
 
 Registered: "clm" (causal LM), "mlm" (masked LM, loss on masked positions only), "nsp" (MLM +
 next-sentence prediction on ``<bos> A <sep> B <eos>`` pairs) and "prefix_lm". `build_objective`
-turns a TrainConfig into the run's objective: a registered one, or a **hybrid** that mixes the terms
-of ``train.objectives`` step by step (see `flashlm.train.mixing`). Every step of a hybrid returns
-the same metric keys (NaN for the terms it did not run), so each term is logged separately.
+turns a TrainConfig (and the model's config, which sizes the NSP head) into the run's objective: a
+registered one (a fresh "nsp"), or a **hybrid** that mixes the terms of ``train.objectives`` step by
+step (see `flashlm.train.mixing`). Every step of a hybrid returns the same metric keys (NaN for the
+terms it did not run), so each term is logged separately.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashlm.config import TrainConfig
+from flashlm.config import ModelConfig, TrainConfig
 from flashlm.data.batches import (
     IGNORE_INDEX,
     Batch,
@@ -38,7 +43,8 @@ from flashlm.data.batches import (
 )
 from flashlm.data.masking import Masking
 from flashlm.errors import ConfigError
-from flashlm.train.mixing import MaskingSettings, Term, cycle, masking_settings, mix_terms, term_for_step
+from flashlm.model.heads import NSPHead
+from flashlm.train.mixing import MaskingSettings, Term, cycle, term_for_step
 
 Metrics = dict[str, torch.Tensor]
 BatchFn = Callable[[TokenStream, BatchSlot, TrainConfig], Batch]
@@ -50,7 +56,7 @@ class Objective:
     name: str
     make_batch: BatchFn
     loss: LossFn
-    frozen: tuple[str, ...] = ("nsp_head",)
+    frozen: tuple[str, ...] = ()
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -127,8 +133,10 @@ def row_mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, valid: t
     return (sums / valid.sum(1).clamp(min=1)).mean()
 
 
-def masked_loss(model: nn.Module, batch: Batch, nsp_weight: float = 0.0) -> tuple[torch.Tensor, Metrics]:
-    """MLM cross-entropy on the masked positions only (+ nsp_weight × NSP cross-entropy on pairs).
+def masked_loss(model: nn.Module, batch: Batch, nsp_weight: float = 0.0,
+                nsp_head: NSPHead | None = None) -> tuple[torch.Tensor, Metrics]:
+    """MLM cross-entropy on the masked positions only (+ nsp_weight × NSP cross-entropy on pairs, scored
+    by `nsp_head`).
 
     The LM head runs on the masked positions alone; rows weigh equally (`row_mean_cross_entropy`).
     Logs mlm_loss, mlm_acc (and nsp_loss, nsp_acc).
@@ -147,20 +155,42 @@ def masked_loss(model: nn.Module, batch: Batch, nsp_weight: float = 0.0) -> tupl
     labels = batch.extras.get("nsp_labels")
     if labels is None or nsp_weight <= 0:
         return mlm, metrics
-    nsp_logits = net.nsp_logits(out.hidden, batch.extras.get("pair_ids"), batch.extras.get("sep_pos")).float()
+    if nsp_head is None:
+        raise ValueError("masked_loss: nsp_weight > 0 needs the NSP head (nsp_head=)")
+    nsp_logits = nsp_head(model, out.hidden, batch.extras.get("pair_ids"), batch.extras.get("sep_pos")).float()
     nsp = F.cross_entropy(nsp_logits, labels)
     with torch.no_grad():
         nsp_acc = (nsp_logits.argmax(-1) == labels).float().mean()
     return mlm + nsp_weight * nsp, {**metrics, "nsp_loss": nsp.detach(), "nsp_acc": nsp_acc}
 
 
-def prefix_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
-    """Cross-entropy on the tokens after each prefix, rows weighing equally; logs prefix_lm_loss/_acc."""
+class NSPLoss(nn.Module):
+    """The "nsp" objective's loss: masked LM + NSP on pairs, owning the trainable `NSPHead`."""
+
+    def __init__(self, nsp_head: NSPHead, nsp_weight: float = 1.0) -> None:
+        super().__init__()
+        self.nsp_head = nsp_head
+        self.nsp_weight = nsp_weight
+
+    def forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        return masked_loss(model, batch, self.nsp_weight, self.nsp_head)
+
+
+def prefix_lm_loss(model: nn.Module, batch: Batch, label_smoothing: float = 0.0,
+                   rows_equal: bool = True) -> tuple[torch.Tensor, Metrics]:
+    """Cross-entropy on the tokens after each prefix, the LM head run on those tokens only; logs
+    prefix_lm_loss/_acc. Rows weigh equally (the pre-training objective); with ``rows_equal=False`` tokens
+    do, and labels may be smoothed (fine-tuning's loss, `flashlm.train.finetune.finetune`)."""
+    if rows_equal and label_smoothing:
+        raise ValueError("prefix_lm_loss: label_smoothing needs rows_equal=False")
     out = model(batch.input_ids, mode=batch.mode, doc_ids=batch.doc_ids, prefix_len=batch.prefix_len,
                 compute_logits=False)
     valid = batch.targets != IGNORE_INDEX
     logits = unwrap(model).logits(out.hidden[valid])
-    loss = row_mean_cross_entropy(logits, batch.targets, valid)
+    if rows_equal:
+        loss = row_mean_cross_entropy(logits, batch.targets, valid)
+    else:
+        loss = F.cross_entropy(logits.float(), batch.targets[valid], label_smoothing=label_smoothing)
     with torch.no_grad():
         accuracy = (logits.argmax(-1) == batch.targets[valid]).float().sum() / max(int(valid.sum()), 1)
     return loss, {"prefix_lm_loss": loss.detach(), "prefix_lm_acc": accuracy}
@@ -173,7 +203,7 @@ def make_term_batch(term: str, stream: TokenStream, slot: BatchSlot, cfg: TrainC
         return clm_batch(stream, slot, cfg.seq_len, cfg.packed_attention)
     if term == "prefix_lm":
         return prefix_lm_batch(stream, slot, cfg.seq_len, cfg.packed_attention)
-    settings = masking_settings(cfg.masking)
+    settings = cfg.masking
     rate = settings.rate_at(slot.step, cfg.steps)
     if nsp:
         return nsp_batch(stream, slot, cfg.seq_len, masking_of(settings), settings.next_token, rate)
@@ -187,19 +217,47 @@ def metric_keys(term: Term) -> tuple[str, ...]:
     return (f"{term.name}_loss", f"{term.name}_acc")
 
 
-def hybrid_objective(terms: list[Term]) -> Objective:
+class HybridLoss(nn.Module):
+    """The loss of a hybrid: term `batch.extras["objective"]`, weighted, with every term's metric keys
+    (NaN where a term did not run). Owns the `NSPHead` when a term trains NSP."""
+
+    def __init__(self, terms: list[Term], nsp_head: NSPHead | None = None) -> None:
+        super().__init__()
+        self.by_name = {t.name: t for t in terms}
+        self.keys = tuple(dict.fromkeys(k for t in terms for k in metric_keys(t)))
+        self.nsp_head = nsp_head
+
+    def forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        term = self.by_name[batch.extras["objective"]]
+        if term.name == "clm":
+            value, metrics = clm_loss(model, batch)
+        elif term.name == "prefix_lm":
+            value, metrics = prefix_lm_loss(model, batch)
+        else:
+            value, metrics = masked_loss(model, batch, term.nsp_weight, self.nsp_head)
+        value = term.weight * value
+        nan = torch.full((), NAN, device=value.device)
+        return value, {k: metrics.get(k, nan) for k in self.keys}
+
+
+def new_nsp_head(model_cfg: ModelConfig | None, seed: int) -> NSPHead:
+    if model_cfg is None:
+        raise ConfigError("train.objective: NSP needs the model config to size its head; pass model_cfg")
+    return NSPHead.as_drawn_by_flashlm(model_cfg, seed)
+
+
+def hybrid_objective(terms: list[Term], model_cfg: ModelConfig | None = None, seed: int = 0) -> Objective:
     """An objective that trains term `term_for_step(step)` at each step, weighted by its weight.
 
-    Every step reports the union of the terms' metrics (NaN where a term did not run). When any term
-    trains NSP, steps without it still touch the NSP head with a zero-weight term, so DDP sees every
-    trainable parameter used at every step.
+    Every step reports the union of the terms' metrics (NaN where a term did not run). When a term trains
+    NSP the loss owns a fresh `NSPHead` (`NSPHead.as_drawn_by_flashlm(model_cfg, seed)`), trained on the
+    NSP steps (the loop gives it a zero gradient on the others, as DDP does the model's parameters).
     """
     if not terms:
         raise ConfigError("train.objectives: no terms to mix; e.g. {clm: {ratio: 1}, mlm: {ratio: 3}}")
     order = cycle(terms)
     by_name = {t.name: t for t in terms}
-    keys = tuple(dict.fromkeys(k for t in terms for k in metric_keys(t)))
-    trains_nsp = any(t.uses_nsp for t in terms)
+    head = new_nsp_head(model_cfg, seed) if any(t.uses_nsp for t in terms) else None
 
     def make_batch(stream: TokenStream, slot: BatchSlot, cfg: TrainConfig) -> Batch:
         term = by_name[term_for_step(slot.step, order)]
@@ -207,30 +265,22 @@ def hybrid_objective(terms: list[Term]) -> Objective:
         batch.extras["objective"] = term.name
         return batch
 
-    def loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
-        term = by_name[batch.extras["objective"]]
-        if term.name == "clm":
-            value, metrics = clm_loss(model, batch)
-        elif term.name == "prefix_lm":
-            value, metrics = prefix_lm_loss(model, batch)
-        else:
-            value, metrics = masked_loss(model, batch, term.nsp_weight)
-        value = term.weight * value
-        if trains_nsp and "nsp_loss" not in metrics:  # a zero gradient for the NSP head
-            head = unwrap(model).nsp_head
-            value = value + 0.0 * (head.weight.sum() + head.bias.sum())
-        nan = torch.full((), NAN, device=value.device)
-        return value, {k: metrics.get(k, nan) for k in keys}
-
-    frozen = () if trains_nsp else ("nsp_head",)
-    return Objective("hybrid", make_batch, loss, frozen)
+    return Objective("hybrid", make_batch, HybridLoss(terms, head))
 
 
-def build_objective(cfg: TrainConfig) -> Objective:
-    """The run's objective: the hybrid of train.objectives when given, else train.objective."""
-    terms = mix_terms(cfg.objectives)
+def nsp_objective(model_cfg: ModelConfig | None = None, seed: int = 0) -> Objective:
+    """The "nsp" objective with a fresh head of its own (`NSPHead.as_drawn_by_flashlm(model_cfg, seed)`)."""
+    return Objective("nsp", _nsp_batch, NSPLoss(new_nsp_head(model_cfg, seed)))
+
+
+def build_objective(cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> Objective:
+    """The run's objective: the hybrid of train.objectives when given, else train.objective. Objectives
+    that train NSP get a fresh `NSPHead` (`model_cfg` sizes it; train.seed initialises it)."""
+    terms = list(cfg.objectives.values())
     if terms:
-        return hybrid_objective(terms)
+        return hybrid_objective(terms, model_cfg, cfg.seed)
+    if cfg.objective == "nsp":
+        return nsp_objective(model_cfg, cfg.seed)
     return get_objective(cfg.objective)
 
 
@@ -247,5 +297,14 @@ def _prefix_lm_batch(stream: TokenStream, slot: BatchSlot, cfg: TrainConfig) -> 
 
 
 MLM = register(Objective("mlm", _mlm_batch, masked_loss))
-NSP = register(Objective("nsp", _nsp_batch, lambda model, batch: masked_loss(model, batch, 1.0), frozen=()))
+
+
+def _nsp_needs_a_head(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+    raise ConfigError("train.objective: nsp owns a trainable NSP head; build it with build_objective(train_cfg, "
+                      "model_cfg) or nsp_objective(model_cfg)")
+
+
+# "nsp" owns a trainable head, so each run builds its own (`nsp_objective`, which `build_objective` calls);
+# the registry's entry only names it.
+NSP = register(Objective("nsp", _nsp_batch, _nsp_needs_a_head))
 PREFIX_LM = register(Objective("prefix_lm", _prefix_lm_batch, prefix_lm_loss))

@@ -8,8 +8,9 @@ The loss on the positions an objective trains (``targets != IGNORE_INDEX``), in 
 with ``p_T = softmax(z/T)`` on both sides and D one of forward KL, reverse KL, generalised JSD(β) or
 total variation. The teacher is either full logits or a `TopK` pair (ids, log-probs) from a cache.
 
-**In the training loop** (`flashlm.train(cfg)` with a ``distill:`` section, see `DistillConfig` in
-flashlm.config): `distill_objective` wraps the run's own objective; its loss is the hard-label term, so the
+**In the training loop** (`flashlm.train.train(cfg)` with a ``distill:`` section, see `DistillConfig` in
+flashlm.config; the loop itself takes the objective and never builds a teacher): `distill_objective`
+wraps the run's own objective; its loss is the hard-label term, so the
 student can be distilled under CLM, masked LM / NSP or their hybrid (masked batches: the teacher sees the
 same corrupted input, bidirectionally). The hidden-state projection is trained and checkpointed with the
 student. ``student_init: teacher`` copies every k-th teacher layer before training. With the plain CLM
@@ -25,7 +26,8 @@ One job a module; each imports only from those listed above it:
 - `teachers`: `OnlineTeacher` (FlashLM or HF), `CachedTeacher`, `load_teacher`;
 - `caching`: `build_logit_cache` and `cache_teacher`, a teacher run over token shards to fill a cache;
 - `student_init`: `init_student_from_teacher`;
-- `objective`: `DistillObjective`, its batch makers, `distill_objective` (the loop's) and `distill_student`.
+- `objective`: `DistillObjective`, its batch makers, `distill_objective` (the loop's), `distill_objective_for`
+  (its factory, what `flashlm.train.train` passes the loop) and `distill_student`.
 
 The names below are re-exported here: ``from flashlm.train.distill import X`` works for each.
 """
@@ -46,7 +48,13 @@ from flashlm.train.distill.losses import (
     total_variation,
     uniform_layer_map,
 )
-from flashlm.train.distill.objective import DistillObjective, distill_batch, distill_objective, distill_student
+from flashlm.train.distill.objective import (
+    DistillObjective,
+    distill_batch,
+    distill_objective,
+    distill_objective_for,
+    distill_student,
+)
 from flashlm.train.distill.student_init import init_student_from_teacher
 from flashlm.train.distill.teachers import CachedTeacher, OnlineTeacher, TeacherOutput, load_teacher, teacher_kind
 from flashlm.train.distill.vocab import check_vocab, vocab_fingerprint, vocab_from_dir, vocab_of
@@ -55,7 +63,8 @@ __all__ = [
     "CACHE_IDS", "CACHE_LOGPROBS", "CACHE_PROGRESS", "DIVERGENCES", "CachedTeacher", "DistillConfig",
     "DistillObjective", "HiddenStateLoss", "LogitCache", "OnlineTeacher", "TeacherOutput", "TopK",
     "attention_transfer", "build_logit_cache", "cache_teacher", "check_vocab", "distill_batch",
-    "distill_objective", "distill_student", "distillation_loss", "divergence", "forward_kl", "generalized_jsd",
+    "distill_objective", "distill_objective_for", "distill_student", "distillation_loss", "divergence",
+    "forward_kl", "generalized_jsd",
     "init_student_from_teacher", "load_teacher", "masked_cross_entropy", "reverse_kl", "teacher_kind",
     "total_variation", "uniform_layer_map", "vocab_fingerprint", "vocab_from_dir", "vocab_of",
 ]

@@ -108,10 +108,12 @@ def _progress_bar(enabled: bool, total: int, done: int) -> Iterator[Callable[[in
     if not enabled:
         yield lambda n: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("caching teacher logits"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("tokens"), TimeRemainingColumn()) as bar:
+    from flashlm.train.progress import progress_bar
+
+    with progress_bar(TextColumn("caching teacher logits"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("tokens"), TimeRemainingColumn()) as bar:
         task = bar.add_task("cache", total=total, completed=done)
         yield lambda n: bar.advance(task, n)
 

@@ -1,6 +1,7 @@
 """The distillation objective: `DistillObjective` (the per-step loss, alone or around the run's own
-objective), its batch makers, `distill_objective` (what `flashlm.train` uses for a run with a ``distill:``
-section: it loads the teacher, building the logit cache first when asked) and `distill_student`."""
+objective), its batch makers, `distill_objective` (what `flashlm.train.train` uses for a run with a
+``distill:`` section: it loads the teacher, building the logit cache first when asked), the factory the loop
+takes for it (`distill_objective_for`) and `distill_student`."""
 
 from __future__ import annotations
 
@@ -37,13 +38,6 @@ from flashlm.train.distill.teachers import CachedTeacher, OnlineTeacher, Teacher
 def _extra(batch: Any, name: str, default: Any = None) -> Any:
     extras = getattr(batch, "extras", None) or {}
     return extras.get(name, getattr(batch, name, default))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The FlashLM inside DDP / torch.compile / recording wrappers."""
-    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
-        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
-    return model
 
 
 class _Recorder:
@@ -92,6 +86,8 @@ class DistillObjective(nn.Module):
             raise ConfigError("distill.hidden_weight/attention_weight: a cached teacher has no hidden states "
                               "or attentions; set them to 0 or use an online teacher")
         self.cfg, self.teacher, self.base, self.init_from = cfg, teacher, base, init_from
+        # a base loss with trainable heads of its own (the NSP head) trains and checkpoints with this one
+        self.base_loss = base.loss if base is not None and isinstance(base.loss, nn.Module) else None
         self.hidden = None
         if cfg.hidden_weight > 0:
             self.hidden = HiddenStateLoss(student_cfg.d_model, teacher.d_model, student_cfg.n_layers,
@@ -223,7 +219,9 @@ class DistillObjective(nn.Module):
         if out.logits is not None:
             use = None if bool(mask.all()) else mask
             return divergence(cfg.divergence, out.logits, signal, use, cfg.temperature, cfg.beta)
-        logits = _unwrap(model).logits(out.hidden[mask])
+        from flashlm.train.objectives import unwrap
+
+        logits = unwrap(model).logits(out.hidden[mask])
         if isinstance(signal, tuple):
             signal = TopK(*signal)
         if isinstance(signal, TopK):
@@ -302,6 +300,20 @@ def distill_objective(cfg: Any, base: Any, data: Any, device: torch.device | str
     return Objective("distill", make_batch, loss, base.frozen)
 
 
+def distill_objective_for(cfg: Any, base: Any = None) -> Callable[[Any, Any], Any]:
+    """The factory `flashlm.train.loop.train` takes for a run with a ``distill:`` section: once the loop has
+    opened the data and joined the process group, ``factory(data, env)`` builds `distill_objective` around
+    `base` (the run's own objective, ``train.objective``, when None)."""
+
+    def build(data: Any, env: Any) -> Any:
+        from flashlm.train.objectives import build_objective
+
+        return distill_objective(cfg, base or build_objective(cfg.train), data, env.device, env.is_main,
+                                 env.barrier)
+
+    return build
+
+
 def _ensure_cache(dcfg: DistillConfig, tcfg: TrainConfig, device: torch.device | str, is_main: bool,
                   barrier: Callable[[], None], tok_file: Path) -> str:
     out = Path(dcfg.cache)
@@ -364,4 +376,5 @@ def distill_student(teacher: str | os.PathLike, shards: str | os.PathLike, stude
     for key, value in settings.items():
         section, _, name = key.rpartition("__")
         overrides.append(f"{section or 'distill'}.{name}={json.dumps(value)}")
-    return train(RunConfig.from_dict(apply_overrides(data, overrides)))
+    cfg = RunConfig.from_dict(apply_overrides(data, overrides))
+    return train(cfg, objective=distill_objective_for(cfg))

@@ -154,7 +154,9 @@ def load_teacher(path: str | os.PathLike, device: str | torch.device | None = No
     if kind == "cache":
         teacher: OnlineTeacher | CachedTeacher = CachedTeacher(path)
     else:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from flashlm.hardware import default_device
+
+        device = default_device(str(device or "auto"))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = (FlashLM.from_pretrained(path, device=device, dtype=dtype) if kind == "flashlm"
                  else _load_hf_model(Path(path), device, dtype, need_attentions))

@@ -14,9 +14,9 @@ from corpora import real_data
 
 from flashlm.config import ModelConfig
 from flashlm.errors import ConfigError, DataError
-from flashlm.evaluate import babi, squad
-from flashlm.evaluate.babi import BabiConfig, Question, parse_babi, read_task, run_babi, score, source_text
-from flashlm.evaluate.squad import (
+from flashlm.tasks import babi, squad
+from flashlm.tasks.babi import BabiConfig, Question, parse_babi, read_task, run_babi, score, source_text
+from flashlm.tasks.squad import (
     SquadConfig,
     SquadItem,
     best_span,

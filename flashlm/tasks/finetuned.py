@@ -3,7 +3,7 @@
 `evaluate_babi`, `evaluate_squad` and `evaluate_translate` take the settings of `flashlm eval babi`,
 `eval squad` and `eval translate` (the same names and defaults), start from a model directory or a
 fresh model of a preset, fine-tune and score, and write the result files with `write_result`. The
-commands and `eval all` (`flashlm.evaluate.report`) both call them. Each returns (path of the
+commands and `eval all` (`flashlm.tasks.run_all`) both call them. Each returns (path of the
 `<task>.json`, results).
 """
 
@@ -23,9 +23,9 @@ ALL_BABI_TASKS = "1-20"
 
 def resolve_device(device: str) -> str:
     """The device of `device`: "auto" is cuda when available, else cpu; anything else as given."""
-    import torch
+    from flashlm.hardware import default_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return str(default_device(device))
 
 
 def finetune_setup(
@@ -109,7 +109,7 @@ def evaluate_babi(
 ) -> tuple[Path, dict[str, Any]]:
     """Fine-tune on the bAbI 1k training sets (`run_babi`) and write `out/babi.json`; `data` defaults to
     $FLASHLM_BABI (`find_data`), `tasks` to all 20, `groups` ("2,3;7,8" or "none") applies with `per_task`."""
-    from flashlm.evaluate.babi import BabiConfig, find_data, parse_groups, run_babi, task_file
+    from flashlm.tasks.babi import BabiConfig, find_data, parse_groups, run_babi, task_file
 
     if jobs > 1 and not per_task:
         raise ConfigError(f"--jobs {jobs}: one joint model trains in one process; add --per-task or drop --jobs")
@@ -162,7 +162,7 @@ def evaluate_squad(
 ) -> tuple[Path, dict[str, Any]]:
     """Fine-tune a span head on a SQuAD-format file (`run_squad`), score EM/F1 on `eval_file` and
     write `out/squad.json`."""
-    from flashlm.evaluate.squad import SquadConfig, run_squad
+    from flashlm.tasks.squad import SquadConfig, run_squad
 
     cfg = SquadConfig(max_len=max_len, doc_stride=doc_stride, max_answer_len=max_answer_len)
     (net, tok), cfg = finetune_setup(model, preset, device, threads, cfg)
@@ -207,7 +207,7 @@ def evaluate_translate(
 ) -> tuple[Path, dict[str, Any]]:
     """Fine-tune a prefix-LM translator on line-aligned files (`run_translation`), score BLEU and chrF
     on the evaluation pair and write `out/translate.json`."""
-    from flashlm.evaluate.translate import TranslateConfig, run_translation
+    from flashlm.tasks.translate import TranslateConfig, run_translation
 
     cfg = TranslateConfig(vocab_size=vocab_size, beam=beam, length_penalty=length_penalty,
                           train_limit=train_limit, eval_limit=eval_limit)

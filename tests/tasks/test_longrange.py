@@ -12,7 +12,8 @@ from corpora import write_stories
 from flashlm.config import get_preset, replace
 from flashlm.errors import ConfigError, FlashLMError
 from flashlm.evaluate.lm import IGNORE
-from flashlm.evaluate.longrange import (
+from flashlm.model.transformer import FlashLM
+from flashlm.tasks.longrange import (
     LongRangeConfig,
     MQARSpec,
     PasskeySpec,
@@ -29,8 +30,7 @@ from flashlm.evaluate.longrange import (
     train_mqar,
     train_passkey,
 )
-from flashlm.evaluate.report import evaluate_all
-from flashlm.model.transformer import FlashLM
+from flashlm.tasks.run_all import evaluate_all
 
 
 def tiny(**changes) -> LongRangeConfig:
