@@ -24,6 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The short benchmarks run here; the long ones (a quarter of an hour to an hour each) are listed with the
 # command that runs each. docs/benchmarks.md holds every current figure and its goal.

@@ -169,8 +169,12 @@ def machine() -> dict:
     from flashlm.hardware import machine_info
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {**machine_info(), "memory_gib": round(mem, 1), "tokenizers": tokenizers.__version__,
-            "numpy": numpy.__version__}
+    return {
+        **machine_info(),
+        "memory_gib": round(mem, 1),
+        "tokenizers": tokenizers.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 def checks(report: dict) -> dict:
@@ -256,8 +260,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[50, 200], help="corpus sizes in MB")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker settings to compare")
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--data", type=Path, default=SHARED_DATA, metavar="DIR",
-                        help=f"folder holding {', '.join(SOURCES)} (default: ../shared/data)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=SHARED_DATA,
+        metavar="DIR",
+        help=f"folder holding {', '.join(SOURCES)} (default: ../shared/data)",
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -5,9 +5,9 @@ student trained alone, at the same number of tokens, and what does the teacher c
    --stories folder (default ../shared/data/tinystories); held-out text: the first tokens of
    tinystories_validation_head.txt (another split of TinyStories, never trained on). Everything is built
    under bench/work/distill/ (not committed).
-2. A teacher (the `tiny` preset, ~5.2M parameters) pre-trained with `flashlm.train` for a fixed time budget
+2. A teacher (the `tiny` preset, ~5.2M parameters) pre-trained with `flashlm.training` for a fixed time budget
    (its step count is chosen from a measured step time so that the cosine schedule completes).
-3. Its top-k logit cache over the training shards (`flashlm.train.distill.cache_teacher`).
+3. Its top-k logit cache over the training shards (`flashlm.training.distill.cache_teacher`).
 4. Three students of one architecture (~1.7M parameters, ~32% of the teacher), the same initial weights, the
    same batches and the same number of tokens: (a) plain cross-entropy from scratch, (b) distilled online
    (the teacher runs every step), (c) distilled from the top-k cache.
@@ -50,16 +50,52 @@ BEGIN, END = "<!-- distill:begin -->", "<!-- distill:end -->"
 GOAL_PPL_GAIN, GOAL_CACHED_COST, GOAL_DECODE = 0.10, 1.15, 2.0
 
 VOCAB = 4096
-TEACHER = dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=640,
-               layer_pattern="LLLLLG", sliding_window=128, max_seq_len=128)  # the `tiny` preset, context 128
-STUDENT = dict(vocab_size=VOCAB, d_model=192, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=576,
-               layer_pattern="LG", sliding_window=64, max_seq_len=128)  # wide and shallow: decoding is per layer
+TEACHER = dict(
+    vocab_size=VOCAB,
+    d_model=256,
+    n_layers=6,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=640,
+    layer_pattern="LLLLLG",
+    sliding_window=128,
+    max_seq_len=128,
+)  # the `tiny` preset, context 128
+STUDENT = dict(
+    vocab_size=VOCAB,
+    d_model=192,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=576,
+    layer_pattern="LG",
+    sliding_window=64,
+    max_seq_len=128,
+)  # wide and shallow: decoding is per layer
 DISTILL = dict(alpha=0.3, temperature=1.0, divergence="forward_kl", top_k=64)
 
-FULL = dict(teacher_steps=400, teacher_batch=16, teacher_budget_s=540, student_steps=160, student_batch=8,
-            seq_len=128, heldout_tokens=65_536, cost_rounds=12, decode_rounds=5)
-QUICK = dict(teacher_steps=30, teacher_batch=8, teacher_budget_s=120, student_steps=12, student_batch=4,
-             seq_len=64, heldout_tokens=4096, cost_rounds=3, decode_rounds=2)
+FULL = dict(
+    teacher_steps=400,
+    teacher_batch=16,
+    teacher_budget_s=540,
+    student_steps=160,
+    student_batch=8,
+    seq_len=128,
+    heldout_tokens=65_536,
+    cost_rounds=12,
+    decode_rounds=5,
+)
+QUICK = dict(
+    teacher_steps=30,
+    teacher_batch=8,
+    teacher_budget_s=120,
+    student_steps=12,
+    student_batch=4,
+    seq_len=64,
+    heldout_tokens=4096,
+    cost_rounds=3,
+    decode_rounds=2,
+)
 
 
 # Why the run is set up as it is, and how to read it; filled in from the report (`notes`).
@@ -99,20 +135,41 @@ def prepare(work: Path, stories: Path) -> dict[str, Any]:
         paragraphs = [" ".join(p.split()) for p in held.split("\n\n") if p.strip()]
         prepare_shards(iter(paragraphs), tok, heldout_dir, val_fraction=0.0, workers=1, progress=False)
     train, held = TokenShards(train_dir, "train"), TokenShards(heldout_dir, "train")
-    return {"train_dir": train_dir, "heldout_dir": heldout_dir, "train_tokens": len(train.tokens),
-            "heldout_available": len(held.tokens),
-            "heldout_bytes_per_token": held.text_bytes / len(held.tokens)}
+    return {
+        "train_dir": train_dir,
+        "heldout_dir": heldout_dir,
+        "train_tokens": len(train.tokens),
+        "heldout_available": len(held.tokens),
+        "heldout_bytes_per_token": held.text_bytes / len(held.tokens),
+    }
 
 
 # ---- training ---------------------------------------------------------------------------------------
-def run_config(model: dict, out: Path, data: Path, steps: int, batch: int, seq_len: int,
-               distill: dict | None = None, **train: Any) -> Any:
+def run_config(
+    model: dict, out: Path, data: Path, steps: int, batch: int, seq_len: int, distill: dict | None = None, **train: Any
+) -> Any:
     from flashlm.config import RunConfig
 
-    settings = {"data": str(data), "out": str(out), "steps": steps, "batch_size": batch, "seq_len": seq_len,
-                "lr": 3e-3, "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1, "weight_decay": 0.1,
-                "eval_every": steps, "eval_batches": 4, "save_every": steps, "keep_last": 1,
-                "log_every": max(1, steps // 20), "device": "cpu", "precision": "auto", "seed": 1234, **train}
+    settings = {
+        "data": str(data),
+        "out": str(out),
+        "steps": steps,
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "lr": 3e-3,
+        "warmup_steps": max(1, steps // 10),
+        "min_lr_ratio": 0.1,
+        "weight_decay": 0.1,
+        "eval_every": steps,
+        "eval_batches": 4,
+        "save_every": steps,
+        "keep_last": 1,
+        "log_every": max(1, steps // 20),
+        "device": "cpu",
+        "precision": "auto",
+        "seed": 1234,
+        **train,
+    }
     data_dict = {"model": model, "train": settings}
     if distill is not None:
         data_dict["distill"] = distill
@@ -120,7 +177,7 @@ def run_config(model: dict, out: Path, data: Path, steps: int, batch: int, seq_l
 
 
 def timed_train(cfg: Any, budget_s: float | None = None) -> dict[str, Any]:
-    from flashlm.train import train
+    from flashlm.training import train
 
     shutil.rmtree(cfg.train.out, ignore_errors=True)
     began = time.perf_counter()
@@ -129,10 +186,16 @@ def timed_train(cfg: Any, budget_s: float | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     rows = [r for r in summary["history"] if "loss" in r]
     tokens = summary["step"] * cfg.train.batch_size * cfg.train.seq_len
-    return {"steps": summary["step"], "planned_steps": cfg.train.steps, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s_logged": statistics.median(r["tokens_per_s"] for r in rows[1:] or rows),
-            "final_train_loss": rows[-1]["loss"], "checkpoint": summary["checkpoint"],
-            "kd_first_last": [rows[0].get("distill_kd"), rows[-1].get("distill_kd")]}
+    return {
+        "steps": summary["step"],
+        "planned_steps": cfg.train.steps,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s_logged": statistics.median(r["tokens_per_s"] for r in rows[1:] or rows),
+        "final_train_loss": rows[-1]["loss"],
+        "checkpoint": summary["checkpoint"],
+        "kd_first_last": [rows[0].get("distill_kd"), rows[-1].get("distill_kd")],
+    }
 
 
 # ---- measurements -----------------------------------------------------------------------------------
@@ -144,8 +207,9 @@ def topk_mass(cache: Any) -> dict[str, float]:
     return {"mean": float(mass.mean()), "median": float(np.median(mass)), "p10": float(np.percentile(mass, 10))}
 
 
-def heldout_eval(checkpoint: str, heldout_dir: Path, seq_len: int, n_tokens: int,
-                 bytes_per_token: float) -> dict[str, float]:
+def heldout_eval(
+    checkpoint: str, heldout_dir: Path, seq_len: int, n_tokens: int, bytes_per_token: float
+) -> dict[str, float]:
     """Cross-entropy on non-overlapping windows over the first `n_tokens` held-out tokens."""
     import numpy as np
     import torch
@@ -153,7 +217,7 @@ def heldout_eval(checkpoint: str, heldout_dir: Path, seq_len: int, n_tokens: int
     from flashlm.data.batches import IGNORE_INDEX, TokenStream, eval_batches
     from flashlm.data.shards import TokenShards
     from flashlm.model.transformer import FlashLM
-    from flashlm.train.objectives import lm_cross_entropy
+    from flashlm.training.objectives import lm_cross_entropy
 
     model = FlashLM.from_pretrained(checkpoint).eval()
     tokens = np.asarray(TokenShards(heldout_dir, "train").tokens[: n_tokens + 1])
@@ -172,12 +236,12 @@ def time_steps(cfgs: dict[str, Any], rounds: int, warmup: int = 2) -> dict[str, 
     so that load changes on a shared machine hit every config alike; warm-up rounds are dropped."""
     import torch
 
-    from flashlm.train.distill import distill_objective
-    from flashlm.train.distributed import DistEnv
-    from flashlm.train.loop import build_model, train_step
-    from flashlm.train.objectives import get_objective
-    from flashlm.train.optim import autocast_for, build_optimizer, build_scheduler
-    from flashlm.train.rundata import open_data
+    from flashlm.training.distill import distill_objective
+    from flashlm.training.distributed import DistEnv
+    from flashlm.training.loop import build_model, train_step
+    from flashlm.training.objectives import get_objective
+    from flashlm.training.optim import autocast_for, build_optimizer, build_scheduler
+    from flashlm.training.rundata import open_data
 
     env = DistEnv(torch.device("cpu"))
     amp = autocast_for("fp32", env.device)
@@ -205,8 +269,12 @@ def step_costs(student_cfgs: dict[str, Any], rounds: int) -> dict[str, Any]:
     times = time_steps(student_cfgs, rounds)
     medians = {name: statistics.median(values) for name, values in times.items()}
     plain = medians["scratch"]
-    return {"seconds_per_step": medians, "relative_to_plain_ce": {k: v / plain for k, v in medians.items()},
-            "rounds": rounds, "samples": times}
+    return {
+        "seconds_per_step": medians,
+        "relative_to_plain_ce": {k: v / plain for k, v in medians.items()},
+        "rounds": rounds,
+        "samples": times,
+    }
 
 
 def decode_speed(checkpoints: dict[str, str], rounds: int) -> dict[str, Any]:
@@ -222,8 +290,11 @@ def decode_speed(checkpoints: dict[str, str], rounds: int) -> dict[str, Any]:
         for name, model in models.items():
             speeds[name].append(measure_batch(model, 1, 32, 64)["decode_tokens_per_s"])
     medians = {name: statistics.median(v) for name, v in speeds.items()}
-    return {"decode_tokens_per_s": medians, "samples": speeds,
-            "student_speedup": medians["student"] / medians["teacher"]}
+    return {
+        "decode_tokens_per_s": medians,
+        "samples": speeds,
+        "student_speedup": medians["student"] / medians["teacher"],
+    }
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -232,7 +303,7 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, stories: Path, 
 
     from flashlm.config import ModelConfig, count_parameters
     from flashlm.hardware import machine_info
-    from flashlm.train.distill import cache_teacher
+    from flashlm.training.distill import cache_teacher
 
     torch.set_num_threads(threads)
     load_before = list(os.getloadavg())
@@ -241,8 +312,9 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, stories: Path, 
     seq = sizes["seq_len"]
     log(f"data: {data['train_tokens']:,} training tokens, {data['heldout_available']:,} held-out tokens")
 
-    teacher_cfg = run_config(TEACHER, work / "teacher", data["train_dir"], sizes["teacher_steps"],
-                             sizes["teacher_batch"], seq)
+    teacher_cfg = run_config(
+        TEACHER, work / "teacher", data["train_dir"], sizes["teacher_steps"], sizes["teacher_batch"], seq
+    )
     ckpt = work / "teacher" / "checkpoints"
     if keep_teacher and (work / "teacher.json").is_file():
         teacher = json.loads((work / "teacher.json").read_text())
@@ -260,11 +332,26 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, stories: Path, 
     cache_dir = work / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    cache = cache_teacher(teacher["checkpoint"], data["train_dir"], cache_dir, top_k=DISTILL["top_k"],
-                          seq_len=seq, batch_size=16, device="cpu", progress=False)
-    cache_info = {"seconds": time.perf_counter() - t0, "positions": cache.n_positions, "top_k": cache.top_k,
-                  "bytes_per_token": cache.bytes_per_token, "megabytes": cache.n_positions * cache.bytes_per_token
-                  / 1e6, "teacher_window": cache.seq_len, "stride": cache.stride, "topk_mass": topk_mass(cache)}
+    cache = cache_teacher(
+        teacher["checkpoint"],
+        data["train_dir"],
+        cache_dir,
+        top_k=DISTILL["top_k"],
+        seq_len=seq,
+        batch_size=16,
+        device="cpu",
+        progress=False,
+    )
+    cache_info = {
+        "seconds": time.perf_counter() - t0,
+        "positions": cache.n_positions,
+        "top_k": cache.top_k,
+        "bytes_per_token": cache.bytes_per_token,
+        "megabytes": cache.n_positions * cache.bytes_per_token / 1e6,
+        "teacher_window": cache.seq_len,
+        "stride": cache.stride,
+        "topk_mass": topk_mass(cache),
+    }
     log(f"cache: {cache.n_positions:,} positions, {cache.bytes_per_token} B/token in {cache_info['seconds']:.0f} s")
 
     kd = {k: v for k, v in DISTILL.items() if k != "top_k"}
@@ -273,9 +360,12 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, stories: Path, 
         "distilled_online": {"teacher": teacher["checkpoint"], **kd},
         "distilled_cached": {"teacher": str(cache_dir), **kd},
     }
-    student_cfgs = {name: run_config(STUDENT, work / name, data["train_dir"], sizes["student_steps"],
-                                     sizes["student_batch"], seq, distill)
-                    for name, distill in students.items()}
+    student_cfgs = {
+        name: run_config(
+            STUDENT, work / name, data["train_dir"], sizes["student_steps"], sizes["student_batch"], seq, distill
+        )
+        for name, distill in students.items()
+    }
     results: dict[str, Any] = {}
     for name, cfg in student_cfgs.items():
         log(f"student {name}: {cfg.train.steps} steps")
@@ -291,24 +381,41 @@ def run(sizes: dict[str, Any], threads: int, keep_teacher: bool, stories: Path, 
     log("held-out ppl: " + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in heldout.items()))
 
     log("step costs (interleaved)")
-    costs = step_costs({"scratch": student_cfgs["scratch"], "cached": student_cfgs["distilled_cached"],
-                        "online": student_cfgs["distilled_online"]}, sizes["cost_rounds"])
+    costs = step_costs(
+        {
+            "scratch": student_cfgs["scratch"],
+            "cached": student_cfgs["distilled_cached"],
+            "online": student_cfgs["distilled_online"],
+        },
+        sizes["cost_rounds"],
+    )
     log("decode speed (interleaved)")
-    decode = decode_speed({"teacher": teacher["checkpoint"], "student": results["scratch"]["checkpoint"]},
-                          sizes["decode_rounds"])
+    decode = decode_speed(
+        {"teacher": teacher["checkpoint"], "student": results["scratch"]["checkpoint"]}, sizes["decode_rounds"]
+    )
 
     t_params, s_params = (count_parameters(ModelConfig(**c)) for c in (TEACHER, STUDENT))
     return {
-        "benchmark": "distill", "date": time.strftime("%Y-%m-%d %H:%M"),
+        "benchmark": "distill",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {**machine_info(), "threads": threads},
-        "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
+        "loadavg_before": load_before,
+        "loadavg_after": list(os.getloadavg()),
         "wall_seconds": time.perf_counter() - began,
         "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()} | {"heldout_tokens": n_held},
-        "sizes": sizes, "distill": DISTILL,
-        "models": {"teacher": {**TEACHER, "parameters": t_params}, "student": {**STUDENT, "parameters": s_params},
-                   "student_share": s_params / t_params},
-        "teacher": teacher, "cache": cache_info, "students": results, "heldout": heldout,
-        "step_cost": costs, "decode": decode,
+        "sizes": sizes,
+        "distill": DISTILL,
+        "models": {
+            "teacher": {**TEACHER, "parameters": t_params},
+            "student": {**STUDENT, "parameters": s_params},
+            "student_share": s_params / t_params,
+        },
+        "teacher": teacher,
+        "cache": cache_info,
+        "students": results,
+        "heldout": heldout,
+        "step_cost": costs,
+        "decode": decode,
     }
 
 
@@ -318,11 +425,14 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
     scratch = held["scratch"]["ppl"]
     gains = {k: 1 - held[k]["ppl"] / scratch for k in ("distilled_online", "distilled_cached")}
     return {
-        "ppl_gain_online": gains["distilled_online"], "ppl_gain_cached": gains["distilled_cached"],
+        "ppl_gain_online": gains["distilled_online"],
+        "ppl_gain_cached": gains["distilled_cached"],
         "ppl_goal_met": max(gains.values()) >= GOAL_PPL_GAIN,
-        "cached_cost": cost["cached"], "cached_cost_goal_met": cost["cached"] <= GOAL_CACHED_COST,
+        "cached_cost": cost["cached"],
+        "cached_cost_goal_met": cost["cached"] <= GOAL_CACHED_COST,
         "online_cost": cost["online"],
-        "decode_speedup": dec["student_speedup"], "decode_goal_met": dec["student_speedup"] >= GOAL_DECODE,
+        "decode_speedup": dec["student_speedup"],
+        "decode_goal_met": dec["student_speedup"] >= GOAL_DECODE,
         "student_share_ok": report["models"]["student_share"] <= 0.40,
     }
 
@@ -331,10 +441,18 @@ def notes(report: dict[str, Any]) -> list[str]:
     """`NOTES` with this report's figures."""
     cache, sizes = report["cache"], report["sizes"]
     stride = cache.get("stride", sizes["seq_len"])
-    figures = {"mean": math.nan, "median": math.nan, "p10": math.nan, **cache.get("topk_mass", {}),
-               "top_k": report["distill"]["top_k"], "vocab": VOCAB, "teacher_ppl": report["heldout"]["teacher"]["ppl"],
-               "stride": stride, "context": cache.get("teacher_window", sizes["seq_len"]) - stride,
-               "student_layers": report["models"]["student"]["n_layers"]}
+    figures = {
+        "mean": math.nan,
+        "median": math.nan,
+        "p10": math.nan,
+        **cache.get("topk_mass", {}),
+        "top_k": report["distill"]["top_k"],
+        "vocab": VOCAB,
+        "teacher_ppl": report["heldout"]["teacher"]["ppl"],
+        "stride": stride,
+        "context": cache.get("teacher_window", sizes["seq_len"]) - stride,
+        "student_layers": report["models"]["student"]["n_layers"],
+    }
     return [note.format(**figures) for note in NOTES]
 
 
@@ -374,20 +492,28 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     rows = [("teacher", t["parameters"], report["teacher"]["tokens"])] + [
-        (name, s["parameters"], st[name]["tokens"]) for name in ("scratch", "distilled_online", "distilled_cached")]
+        (name, s["parameters"], st[name]["tokens"]) for name in ("scratch", "distilled_online", "distilled_cached")
+    ]
     scratch = held["scratch"]["ppl"]
     for name, params, tokens in rows:
         h = held[name]
-        lines.append(f"| {name.replace('_', ' ')} | {params / 1e6:.2f}M | {tokens:,} | {h['loss']:.3f} | "
-                     f"{h['ppl']:.2f} | {h['bpb']:.3f} | {h['ppl'] / scratch - 1:+.1%} |")
+        lines.append(
+            f"| {name.replace('_', ' ')} | {params / 1e6:.2f}M | {tokens:,} | {h['loss']:.3f} | "
+            f"{h['ppl']:.2f} | {h['bpb']:.3f} | {h['ppl'] / scratch - 1:+.1%} |"
+        )
     sec = cost["seconds_per_step"]
     lines += [
         "",
         "| training step (student) | ms / step | relative to plain CE |",
         "|---|---:|---:|",
-        *(f"| {label} | {1000 * sec[k]:.0f} | {cost['relative_to_plain_ce'][k]:.2f}x |"
-          for k, label in (("scratch", "plain cross-entropy"), ("cached", "distilled, top-k cache"),
-                           ("online", "distilled, online teacher"))),
+        *(
+            f"| {label} | {1000 * sec[k]:.0f} | {cost['relative_to_plain_ce'][k]:.2f}x |"
+            for k, label in (
+                ("scratch", "plain cross-entropy"),
+                ("cached", "distilled, top-k cache"),
+                ("online", "distilled, online teacher"),
+            )
+        ),
         "",
         f"Greedy decoding at batch 1 (prompt 32, 64 new tokens, medians of {sizes['decode_rounds']} interleaved "
         f"runs): teacher {dec['decode_tokens_per_s']['teacher']:.0f} tok/s, student "
@@ -421,15 +547,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny budgets; writes nothing")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the docstring)")
     parser.add_argument("--keep-teacher", action="store_true", help="reuse the teacher of a previous run")
-    parser.add_argument("--stories", type=Path, default=STORIES, metavar="DIR",
-                        help=f"folder holding {TRAIN_FILE} and {HELDOUT_FILE} (default: ../shared/data/tinystories)")
+    parser.add_argument(
+        "--stories",
+        type=Path,
+        default=STORIES,
+        metavar="DIR",
+        help=f"folder holding {TRAIN_FILE} and {HELDOUT_FILE} (default: ../shared/data/tinystories)",
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
     args = parser.parse_args()
     if args.report_only:
         report = json.loads(RESULTS.read_text(encoding="utf-8"))
     else:
-        require("distill.py", [args.stories / TRAIN_FILE, args.stories / HELDOUT_FILE], "TinyStories",
-                "--stories DIR")
+        require("distill.py", [args.stories / TRAIN_FILE, args.stories / HELDOUT_FILE], "TinyStories", "--stories DIR")
         work = WORK.with_name("distill-quick") if args.quick else WORK
         report = run(QUICK if args.quick else FULL, args.threads, args.keep_teacher, args.stories, work)
     report["checks"] = checks(report)

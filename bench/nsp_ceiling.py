@@ -65,7 +65,7 @@ def features(rows: np.ndarray, freq: np.ndarray, sep: int, first_ordinary: int) 
     for row in rows:
         cut = sep_index(row, sep)
         a = set(row[1:cut].tolist())
-        b = [t for t in row[cut + 1:].tolist() if t >= first_ordinary]
+        b = [t for t in row[cut + 1 :].tolist() if t >= first_ordinary]
         shares = []
         for limit in CUTOFFS:
             rare = [t in a for t in b if freq[t] < limit]
@@ -104,9 +104,13 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, steps: int = 3000, lr: flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stories", type=Path, default=STORIES, metavar="FILE",
-                        help="TinyStories text, one story a line (default: "
-                             "../shared/data/tinystories/tinystories_train_head.txt)")
+    parser.add_argument(
+        "--stories",
+        type=Path,
+        default=STORIES,
+        metavar="FILE",
+        help="TinyStories text, one story a line (default: ../shared/data/tinystories/tinystories_train_head.txt)",
+    )
     args = parser.parse_args()
     require("nsp_ceiling.py", [args.stories], "TinyStories", "--stories FILE")
     with tempfile.TemporaryDirectory(prefix="flashlm-nsp-ceiling-") as tmp:
@@ -125,13 +129,21 @@ def main() -> None:
     report = {
         "benchmark": "nsp_ceiling",
         "command": "python bench/nsp_ceiling.py",
-        "data": {"stories": DOCS, "vocab_size": VOCAB, "seq_len": SEQ_LEN, "train_pairs": len(y),
-                 "val_pairs": len(yv), "val_positive_share": float(yv.mean())},
+        "data": {
+            "stories": DOCS,
+            "vocab_size": VOCAB,
+            "seq_len": SEQ_LEN,
+            "train_pairs": len(y),
+            "val_pairs": len(yv),
+            "val_positive_share": float(yv.mean()),
+        },
         "features": [f"share of B tokens with frequency < {c:g} found in A" for c in CUTOFFS]
         + ["tokens in A (distinct)", "tokens in B"],
         **overlap,
-        "junction_features": ["log P(first token of B | last token of A), bigram counts of the training split",
-                              "its pointwise mutual information"],
+        "junction_features": [
+            "log P(first token of B | last token of A), bigram counts of the training split",
+            "its pointwise mutual information",
+        ],
         "junction": fit_and_score(j, y, jv, yv),
         "overlap_and_junction": fit_and_score(np.c_[f, j], y, np.c_[fv, jv], yv),
     }

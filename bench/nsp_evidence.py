@@ -22,7 +22,7 @@ from flashlm.data.batches import nsp_pairs
 from flashlm.evaluate.masked import open_split
 from flashlm.model.transformer import FlashLM
 from flashlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from flashlm.train.checkpoint import latest_checkpoint
+from flashlm.training.checkpoint import latest_checkpoint
 
 FEATURES = {"first": [0], "first4": [1], "mean": [2], "sum": [3], "all": [0, 1, 2, 3, 4, 5]}
 
@@ -34,8 +34,9 @@ def token_logprobs(model: FlashLM, seqs: list[list[int]]) -> list[np.ndarray]:
         ids[i, : len(s)] = torch.tensor(s)
     with torch.no_grad():
         logp = model(ids, mode="causal").logits.float().log_softmax(-1)
-    return [logp[i, : len(s) - 1].gather(1, torch.tensor(s[1:])[:, None]).squeeze(1).numpy()
-            for i, s in enumerate(seqs)]
+    return [
+        logp[i, : len(s) - 1].gather(1, torch.tensor(s[1:])[:, None]).squeeze(1).numpy() for i, s in enumerate(seqs)
+    ]
 
 
 def features(model: FlashLM, shards: str, split: str, pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -53,11 +53,18 @@ VARIANTS = {
     "hybrid_6to1_mlm": {"objectives": {"clm": {"ratio": 6}, "mlm": {"ratio": 1}}},
     "mlm_only": {"objectives": {"mlm": {"ratio": 1}}},
 }
-TITLES = {"causal": "causal only", "mlm_nsp": "MLM + NSP only", "hybrid": "hybrid 1 causal : 3 MLM+NSP",
-          "hybrid_1to1": "hybrid 1 causal : 1 MLM+NSP", "hybrid_3to1": "hybrid 3 causal : 1 MLM+NSP",
-          "hybrid_3to1_mlm": "hybrid 3 causal : 1 MLM (no NSP)", "hybrid_4to1_mlm": "hybrid 4 causal : 1 MLM (no NSP)",
-          "hybrid_5to1_mlm": "hybrid 5 causal : 1 MLM (no NSP)", "hybrid_6to1_mlm": "hybrid 6 causal : 1 MLM (no NSP)",
-          "mlm_only": "MLM only (no NSP)"}
+TITLES = {
+    "causal": "causal only",
+    "mlm_nsp": "MLM + NSP only",
+    "hybrid": "hybrid 1 causal : 3 MLM+NSP",
+    "hybrid_1to1": "hybrid 1 causal : 1 MLM+NSP",
+    "hybrid_3to1": "hybrid 3 causal : 1 MLM+NSP",
+    "hybrid_3to1_mlm": "hybrid 3 causal : 1 MLM (no NSP)",
+    "hybrid_4to1_mlm": "hybrid 4 causal : 1 MLM (no NSP)",
+    "hybrid_5to1_mlm": "hybrid 5 causal : 1 MLM (no NSP)",
+    "hybrid_6to1_mlm": "hybrid 6 causal : 1 MLM (no NSP)",
+    "mlm_only": "MLM only (no NSP)",
+}
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -87,18 +94,33 @@ def run_variant(name: str, data: str, out: str, settings: dict) -> dict:
     from flashlm.evaluate.masked import mlm_accuracy, nsp_accuracy, open_split
     from flashlm.model.heads import FlashLMForPretraining
     from flashlm.model.transformer import FlashLM
-    from flashlm.train import train
-    from flashlm.train.checkpoint import latest_checkpoint
-    from flashlm.train.objectives import lm_cross_entropy
+    from flashlm.training import train
+    from flashlm.training.checkpoint import latest_checkpoint
+    from flashlm.training.objectives import lm_cross_entropy
 
     seq = settings["seq_len"]
-    cfg = RunConfig.from_dict({
-        "model": {"preset": "tiny", "max_seq_len": seq, "sliding_window": min(128, seq)},
-        "train": {"data": data, "out": out, "steps": settings["steps"], "batch_size": settings["batch_size"],
-                  "seq_len": seq, "lr": settings["lr"], "warmup_steps": max(1, settings["steps"] // 10),
-                  "log_every": 10, "eval_every": 10**9, "save_every": 10**9, "eval_batches": 1,
-                  "device": "cpu", "seed": 1337, "masking": MASKING, **VARIANTS[name]},
-    })
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"preset": "tiny", "max_seq_len": seq, "sliding_window": min(128, seq)},
+            "train": {
+                "data": data,
+                "out": out,
+                "steps": settings["steps"],
+                "batch_size": settings["batch_size"],
+                "seq_len": seq,
+                "lr": settings["lr"],
+                "warmup_steps": max(1, settings["steps"] // 10),
+                "log_every": 10,
+                "eval_every": 10**9,
+                "save_every": 10**9,
+                "eval_batches": 1,
+                "device": "cpu",
+                "seed": 1337,
+                "masking": MASKING,
+                **VARIANTS[name],
+            },
+        }
+    )
     began = time.perf_counter()
     summary = train(cfg)
     wall = time.perf_counter() - began
@@ -116,11 +138,14 @@ def run_variant(name: str, data: str, out: str, settings: dict) -> dict:
             nats += float(lm_cross_entropy(logits, batch.targets, reduction="sum"))
             tokens += int((batch.targets != IGNORE_INDEX).sum())
     # every held-out window, masked with MLM_SEEDS different seeds: more masked tokens, less noise
-    seeded = [mlm_accuracy(model, stream, seq, windows=10**9, rate=0.15, next_token=True, seed=s)
-              for s in range(MLM_SEEDS)]
+    seeded = [
+        mlm_accuracy(model, stream, seq, windows=10**9, rate=0.15, next_token=True, seed=s) for s in range(MLM_SEEDS)
+    ]
     masked_tokens = sum(m["masked_tokens"] for m in seeded)
-    mlm = {"masked_tokens": masked_tokens,
-           **{k: sum(m[k] * m["masked_tokens"] for m in seeded) / masked_tokens for k in ("mlm_acc", "unigram_acc")}}
+    mlm = {
+        "masked_tokens": masked_tokens,
+        **{k: sum(m[k] * m["masked_tokens"] for m in seeded) / masked_tokens for k in ("mlm_acc", "unigram_acc")},
+    }
     nsp = nsp_accuracy(FlashLMForPretraining.with_head_from(model, checkpoint), stream, seq, pairs=512)
     trained = settings["steps"] * settings["batch_size"] * seq
     last = {k: v for k, v in rows[-1].items() if k.endswith(("_loss", "_acc"))} if rows else {}
@@ -163,8 +188,9 @@ def checks(runs: dict) -> dict:
             goals.update(causal_loss_vs_causal=round(rel, 4), causal_goal_met=rel <= GOAL_CAUSAL_REL)
         if best is not None:
             gap = 100 * (runs[best]["mlm_acc"] - runs[hybrid]["mlm_acc"])
-            goals.update(mlm_points_below_best_masked=round(gap, 2), mlm_reference=best,
-                         mlm_goal_met=gap <= GOAL_MLM_POINTS)
+            goals.update(
+                mlm_points_below_best_masked=round(gap, 2), mlm_reference=best, mlm_goal_met=gap <= GOAL_MLM_POINTS
+            )
         out[hybrid] = goals
     if "mlm_nsp" in runs and "mlm_only" in runs:
         out["nsp_effect_on_mlm_points"] = round(100 * (runs["mlm_nsp"]["mlm_acc"] - runs["mlm_only"]["mlm_acc"]), 2)
@@ -203,35 +229,51 @@ def write_markdown(report: dict) -> None:
     ]
     for r in runs.values():
         alone = f"{r['isolated_tokens_per_s']:,.0f}" if r.get("isolated_tokens_per_s") else "-"
-        lines.append(f"| {r['title']} | {r['causal_loss']:.3f} | {100 * r['mlm_acc']:.1f}% "
-                     f"({100 * r['unigram_acc']:.1f}%) | {100 * r['nsp_acc']:.1f}% | {alone} | "
-                     f"{r['tokens_per_s']:,.0f} |")
+        lines.append(
+            f"| {r['title']} | {r['causal_loss']:.3f} | {100 * r['mlm_acc']:.1f}% "
+            f"({100 * r['unigram_acc']:.1f}%) | {100 * r['nsp_acc']:.1f}% | {alone} | "
+            f"{r['tokens_per_s']:,.0f} |"
+        )
     notes = []
     for hybrid, goals in ((k, v) for k, v in c.items() if k.startswith("hybrid")):
         parts = []
         if "causal_loss_vs_causal" in goals:
-            parts.append(f"causal loss {100 * goals['causal_loss_vs_causal']:+.1f}% vs causal-only "
-                         f"({met(goals['causal_goal_met'])})")
+            parts.append(
+                f"causal loss {100 * goals['causal_loss_vs_causal']:+.1f}% vs causal-only "
+                f"({met(goals['causal_goal_met'])})"
+            )
         if "mlm_points_below_best_masked" in goals:
-            parts.append(f"MLM accuracy {-goals['mlm_points_below_best_masked']:+.1f} points vs "
-                         f"{TITLES[goals['mlm_reference']]} ({met(goals['mlm_goal_met'])})")
+            parts.append(
+                f"MLM accuracy {-goals['mlm_points_below_best_masked']:+.1f} points vs "
+                f"{TITLES[goals['mlm_reference']]} ({met(goals['mlm_goal_met'])})"
+            )
         title = TITLES[hybrid]
         notes.append(f"{title[0].upper()}{title[1:]}: {'; '.join(parts)}.")
     if "nsp_effect_on_mlm_points" in c:
-        notes.append(f"NSP's effect on MLM accuracy (MLM+NSP minus MLM-only): {c['nsp_effect_on_mlm_points']:+.1f} "
-                     "points.")
+        notes.append(
+            f"NSP's effect on MLM accuracy (MLM+NSP minus MLM-only): {c['nsp_effect_on_mlm_points']:+.1f} points."
+        )
     for added in report.get("added", []):
-        check = (f"{', '.join(TITLES[n] for n in added['checked'])}, trained alongside as a check, reproduced its "
-                 "stored figures bit for bit" if added["checked"] else "no stored variant was retrained as a check")
-        notes.append(f"Added later with `--add` ({added['jobs']} at a time, so their *in the run* tokens/s are "
-                     f"lower): {', '.join(TITLES[n] for n in added['variants'])}; {check}.")
+        check = (
+            f"{', '.join(TITLES[n] for n in added['checked'])}, trained alongside as a check, reproduced its "
+            "stored figures bit for bit"
+            if added["checked"]
+            else "no stored variant was retrained as a check"
+        )
+        notes.append(
+            f"Added later with `--add` ({added['jobs']} at a time, so their *in the run* tokens/s are "
+            f"lower): {', '.join(TITLES[n] for n in added['variants'])}; {check}."
+        )
     lines += ["", *(f"- {note}" for note in notes), ""] if notes else [""]
     for paragraph in report.get("commentary", []):
         lines += [paragraph, ""]
     also = "".join(f", then `{added['command']}`" for added in report.get("added", []))
-    lines += [f"Rerun: `{report['command']}`{also} (add `--stories FILE` when TinyStories is not in "
-              "../shared/data/tinystories; writes `bench/results/objectives.json`; `--report-only` rewrites this "
-              "section from it).", END]
+    lines += [
+        f"Rerun: `{report['command']}`{also} (add `--stories FILE` when TinyStories is not in "
+        "../shared/data/tinystories; writes `bench/results/objectives.json`; `--report-only` rewrites this "
+        "section from it).",
+        END,
+    ]
     section = "\n".join(lines)
     replace_section(DOC, BEGIN, END, section)
 
@@ -276,13 +318,26 @@ def main() -> None:
     parser.add_argument("--speed-steps", type=int, default=40, help="steps of the sequential speed pass")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
     parser.add_argument("--speed-only", action="store_true", help="redo the speed pass into the existing JSON")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where a full run writes its JSON (another "
-                        "path than the default leaves docs/benchmarks.md alone: for side studies)")
-    parser.add_argument("--add", action="store_true", help="train --variants with the JSON's settings and merge "
-                        "them into it (a rerun variant must reproduce its stored figures)")
-    parser.add_argument("--stories", type=Path, default=STORIES, metavar="FILE",
-                        help="TinyStories text, one story a line (default: "
-                             "../shared/data/tinystories/tinystories_train_head.txt)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="where a full run writes its JSON (another "
+        "path than the default leaves docs/benchmarks.md alone: for side studies)",
+    )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="train --variants with the JSON's settings and merge "
+        "them into it (a rerun variant must reproduce its stored figures)",
+    )
+    parser.add_argument(
+        "--stories",
+        type=Path,
+        default=STORIES,
+        metavar="FILE",
+        help="TinyStories text, one story a line (default: ../shared/data/tinystories/tinystories_train_head.txt)",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -306,9 +361,16 @@ def main() -> None:
         return save_report(json.loads(RESULTS.read_text(encoding="utf-8")))
     if args.add:
         return add_variants(list(args.variants), args.jobs, args.stories)
-    settings = {"steps": args.steps, "speed_steps": args.speed_steps, "batch_size": args.batch_size,
-                "seq_len": args.seq_len, "lr": args.lr,
-                "vocab_size": args.vocab_size, "threads": args.threads, "jobs": args.jobs}
+    settings = {
+        "steps": args.steps,
+        "speed_steps": args.speed_steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "vocab_size": args.vocab_size,
+        "threads": args.threads,
+        "jobs": args.jobs,
+    }
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
     began = time.perf_counter()
     runs: dict = {}
@@ -324,8 +386,12 @@ def main() -> None:
         "benchmark": "objectives",
         "command": cmd,
         "machine": machine(),
-        "settings": {**settings, "masking": MASKING, "train_tokens_per_variant":
-                     args.steps * args.batch_size * args.seq_len, "data_splits": meta["splits"]},
+        "settings": {
+            **settings,
+            "masking": MASKING,
+            "train_tokens_per_variant": args.steps * args.batch_size * args.seq_len,
+            "data_splits": meta["splits"],
+        },
         "loadavg_before": loadavg_before,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "wall_seconds": round(time.perf_counter() - began, 1),
@@ -344,11 +410,14 @@ def main() -> None:
 def add_variants(names: list[str], jobs: int, source: Path) -> None:
     """Train `names` with the stored settings and merge them into the JSON (see the module docstring)."""
     report = json.loads(RESULTS.read_text(encoding="utf-8"))
-    settings = {k: v for k, v in report["settings"].items() if k not in ("masking", "train_tokens_per_variant",
-                                                                       "data_splits")}
+    settings = {
+        k: v for k, v in report["settings"].items() if k not in ("masking", "train_tokens_per_variant", "data_splits")
+    }
     if report["settings"]["masking"] != MASKING:
-        raise SystemExit(f"{RESULTS}: stored masking {report['settings']['masking']} differs from {MASKING}; "
-                         "rerun every variant instead of --add")
+        raise SystemExit(
+            f"{RESULTS}: stored masking {report['settings']['masking']} differs from {MASKING}; "
+            "rerun every variant instead of --add"
+        )
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flashlm-bench-objectives-") as tmp:
         data = Path(tmp) / "shards"
@@ -362,13 +431,19 @@ def add_variants(names: list[str], jobs: int, source: Path) -> None:
         if old is None:
             report["runs"][name] = run
         elif (old["causal_loss"], old["mlm_acc"]) != (run["causal_loss"], run["mlm_acc"]):
-            raise SystemExit(f"variant {name} no longer reproduces its stored figures ({old['causal_loss']} vs "
-                             f"{run['causal_loss']}): rerun every variant instead of --add")
+            raise SystemExit(
+                f"variant {name} no longer reproduces its stored figures ({old['causal_loss']} vs "
+                f"{run['causal_loss']}): rerun every variant instead of --add"
+            )
         # a variant that reproduces keeps its stored entry (and the speeds of the run it came from)
     report["runs"] = {k: report["runs"][k] for k in VARIANTS if k in report["runs"]}
-    added = {"variants": [n for n in names if n not in checked], "checked": checked, "jobs": jobs,
-             "wall_seconds": round(time.perf_counter() - began, 1),
-             "command": "nice python bench/objectives.py " + " ".join(sys.argv[1:])}
+    added = {
+        "variants": [n for n in names if n not in checked],
+        "checked": checked,
+        "jobs": jobs,
+        "wall_seconds": round(time.perf_counter() - began, 1),
+        "command": "nice python bench/objectives.py " + " ".join(sys.argv[1:]),
+    }
     report["added"] = report.get("added", []) + [added]
     save_report(report)
     print(json.dumps(report["checks"], indent=2))

@@ -77,23 +77,48 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"model.{key}: {msg}")
 
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                    "sliding_window", "max_seq_len"):
+        for key in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "d_ff",
+            "sliding_window",
+            "max_seq_len",
+        ):
             value = getattr(self, key)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
-                 f"must be a positive integer, got {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                key,
+                f"must be a positive integer, got {value!r}",
+            )
         need(self.flavour in FLAVOURS, "flavour", f"must be one of {', '.join(FLAVOURS)}, got {self.flavour!r}")
-        need(self.d_model % self.n_heads == 0, "d_model",
-             f"{self.d_model} is not divisible by n_heads={self.n_heads}; pick a multiple of n_heads")
-        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
-             f"{self.n_kv_heads} does not divide n_heads={self.n_heads}; use a divisor of n_heads")
-        need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
-             and set(self.layer_pattern) <= {"L", "G"}, "layer_pattern",
-             f"must be a non-empty string of 'L' (local) and 'G' (global), got {self.layer_pattern!r}")
+        need(
+            self.d_model % self.n_heads == 0,
+            "d_model",
+            f"{self.d_model} is not divisible by n_heads={self.n_heads}; pick a multiple of n_heads",
+        )
+        need(
+            self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            f"{self.n_kv_heads} does not divide n_heads={self.n_heads}; use a divisor of n_heads",
+        )
+        need(
+            isinstance(self.layer_pattern, str)
+            and len(self.layer_pattern) > 0
+            and set(self.layer_pattern) <= {"L", "G"},
+            "layer_pattern",
+            f"must be a non-empty string of 'L' (local) and 'G' (global), got {self.layer_pattern!r}",
+        )
         if "local" in self.layer_types:
-            need(self.sliding_window <= self.max_seq_len, "sliding_window",
-                 f"{self.sliding_window} is larger than the context max_seq_len={self.max_seq_len}; "
-                 "lower it or make every layer global (layer_pattern: G)")
+            need(
+                self.sliding_window <= self.max_seq_len,
+                "sliding_window",
+                f"{self.sliding_window} is larger than the context max_seq_len={self.max_seq_len}; "
+                "lower it or make every layer global (layer_pattern: G)",
+            )
         need(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
         need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         for key in ("attn_softcap", "final_softcap"):
@@ -151,23 +176,86 @@ def _check_keys(cls: type, data: dict[str, Any], prefix: str) -> None:
 # ---- presets ------------------------------------------------------------------------------------
 PRESETS: dict[str, dict[str, Any]] = {
     # tests: well under 1M parameters
-    "nano": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                 layer_pattern="LG", sliding_window=16, max_seq_len=128),
+    "nano": dict(
+        vocab_size=512,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        layer_pattern="LG",
+        sliding_window=16,
+        max_seq_len=128,
+    ),
     # CPU sizes
-    "micro": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
-                  layer_pattern="LLLG", sliding_window=64, max_seq_len=256),
-    "tiny": dict(vocab_size=4096, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=640,
-                 layer_pattern="LLLLLG", sliding_window=128, max_seq_len=512),  # ~5M
-    "small": dict(vocab_size=8192, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1536,
-                  layer_pattern="LLLLLG", sliding_window=256, max_seq_len=1024),  # ~20M
+    "micro": dict(
+        vocab_size=4096,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=384,
+        layer_pattern="LLLG",
+        sliding_window=64,
+        max_seq_len=256,
+    ),
+    "tiny": dict(
+        vocab_size=4096,
+        d_model=256,
+        n_layers=6,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=640,
+        layer_pattern="LLLLLG",
+        sliding_window=128,
+        max_seq_len=512,
+    ),  # ~5M
+    "small": dict(
+        vocab_size=8192,
+        d_model=384,
+        n_layers=8,
+        n_heads=6,
+        n_kv_heads=2,
+        d_ff=1536,
+        layer_pattern="LLLLLG",
+        sliding_window=256,
+        max_seq_len=1024,
+    ),  # ~20M
     # GPU sizes
-    "base": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=3072,
-                 layer_pattern="LLLLLG", sliding_window=512, max_seq_len=2048),
-    "1b": dict(vocab_size=65536, d_model=2048, n_layers=20, n_heads=16, n_kv_heads=4, d_ff=8192,
-               layer_pattern="LLLLLG", sliding_window=512, max_seq_len=8192),
+    "base": dict(
+        vocab_size=32768,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        d_ff=3072,
+        layer_pattern="LLLLLG",
+        sliding_window=512,
+        max_seq_len=2048,
+    ),
+    "1b": dict(
+        vocab_size=65536,
+        d_model=2048,
+        n_layers=20,
+        n_heads=16,
+        n_kv_heads=4,
+        d_ff=8192,
+        layer_pattern="LLLLLG",
+        sliding_window=512,
+        max_seq_len=8192,
+    ),
     # Llama-3-8B widths with a tied 128k vocabulary: ≈7.5B parameters
-    "7.5b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
-                 layer_pattern="LLLLLG", sliding_window=1024, max_seq_len=8192),
+    "7.5b": dict(
+        vocab_size=128256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=14336,
+        layer_pattern="LLLLLG",
+        sliding_window=1024,
+        max_seq_len=8192,
+    ),
 }
 
 
@@ -198,8 +286,12 @@ def count_parameters(cfg: ModelConfig, include_embedding: bool = True) -> int:
 
 # ---- masking and the hybrid objective's terms ------------------------------------------------------
 OBJECTIVE_TERMS = ("clm", "mlm", "nsp", "prefix_lm")
-TERM_KEYS = {"clm": ("ratio", "weight"), "mlm": ("ratio", "weight", "nsp_weight"),
-             "nsp": ("ratio", "weight", "nsp_weight"), "prefix_lm": ("ratio", "weight")}
+TERM_KEYS = {
+    "clm": ("ratio", "weight"),
+    "mlm": ("ratio", "weight", "nsp_weight"),
+    "nsp": ("ratio", "weight", "nsp_weight"),
+    "prefix_lm": ("ratio", "weight"),
+}
 
 
 def _number(value: Any, key: str, integer: bool = False) -> float:
@@ -224,7 +316,7 @@ def _mapping(value: Any, key: str, example: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """`train.masking`: how masked batches are corrupted and predicted (flashlm.train.mixing)."""
+    """`train.masking`: how masked batches are corrupted and predicted (flashlm.training.mixing)."""
 
     rate: float = 0.15  # share of tokens predicted; rate_end: linear schedule to it over train.steps
     rate_end: float | None = None
@@ -254,8 +346,10 @@ class MaskingConfig:
                 raise ConfigError(f"train.masking.{key}: must be in {bounds}, got {value!r}")
             object.__setattr__(self, key, number)
         if self.mask_prob + self.random_prob > 1 + 1e-9:
-            raise ConfigError(f"train.masking.random_prob: mask_prob + random_prob must be <= 1, got "
-                              f"{self.mask_prob} + {self.random_prob}")
+            raise ConfigError(
+                f"train.masking.random_prob: mask_prob + random_prob must be <= 1, got "
+                f"{self.mask_prob} + {self.random_prob}"
+            )
 
     @classmethod
     def from_value(cls, raw: Any) -> MaskingConfig:
@@ -299,8 +393,7 @@ class ObjectiveTerm:
         if self.nsp_weight is None:
             object.__setattr__(self, "nsp_weight", 1.0 if self.name == "nsp" else 0.0)
         elif "nsp_weight" not in TERM_KEYS[self.name]:
-            raise ConfigError(f"{where}.nsp_weight: unknown key; {self.name} takes "
-                              f"{', '.join(TERM_KEYS[self.name])}")
+            raise ConfigError(f"{where}.nsp_weight: unknown key; {self.name} takes {', '.join(TERM_KEYS[self.name])}")
         ratio = _number(self.ratio, f"{where}.ratio", integer=True)
         if ratio < 1:
             raise ConfigError(f"{where}.ratio: must be an integer >= 1, got {self.ratio!r}")
@@ -371,7 +464,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     tensorboard: bool = False
-    objective: str = "clm"  # a name in flashlm.train.objectives.OBJECTIVES
+    objective: str = "clm"  # a name in flashlm.training.objectives.OBJECTIVES
     objectives: dict[str, ObjectiveTerm] = field(default_factory=dict)  # hybrid mix {term: {ratio, ...}}
     masking: MaskingConfig = field(default_factory=MaskingConfig)  # masked-LM settings
     packed_attention: bool = False  # attention (and loss) never cross document boundaries
@@ -390,32 +483,50 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"train.{key}: {msg}")
 
-        for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                    "save_every", "keep_last", "log_every"):
+        for key in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "keep_last",
+            "log_every",
+        ):
             value = getattr(self, key)
             need(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
         need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        need(isinstance(self.minutes, (int, float)) and self.minutes >= 0, "minutes",
-             f"must be a number of minutes >= 0 (0: no time budget), got {self.minutes!r}")
+        need(
+            isinstance(self.minutes, (int, float)) and self.minutes >= 0,
+            "minutes",
+            f"must be a number of minutes >= 0 (0: no time budget), got {self.minutes!r}",
+        )
         need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         need(self.schedule in ("cosine", "wsd"), "schedule", f"must be cosine or wsd, got {self.schedule!r}")
-        need(self.precision in ("auto", "fp32", "bf16"), "precision",
-             f"must be auto, fp32 or bf16, got {self.precision!r}")
-        need(self.distributed in ("ddp", "fsdp"), "distributed",
-             f"must be ddp or fsdp, got {self.distributed!r}")
+        need(
+            self.precision in ("auto", "fp32", "bf16"),
+            "precision",
+            f"must be auto, fp32 or bf16, got {self.precision!r}",
+        )
+        need(self.distributed in ("ddp", "fsdp"), "distributed", f"must be ddp or fsdp, got {self.distributed!r}")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        need(self.device in ("auto", "cpu", "cuda"), "device",
-             f"must be auto, cpu or cuda, got {self.device!r}")
-        need(isinstance(self.resume, (bool, str)), "resume",
-             f"must be true, false or a checkpoint path, got {self.resume!r}")
+        need(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        need(
+            isinstance(self.resume, (bool, str)),
+            "resume",
+            f"must be true, false or a checkpoint path, got {self.resume!r}",
+        )
         self.masking = MaskingConfig.from_value(self.masking)  # fields set after construction
         self.objectives = objective_terms(self.objectives)
         if self.objectives and self.objective not in ("clm", "hybrid"):
-            raise ConfigError(f"train.objective: {self.objective!r} conflicts with train.objectives (a mix); "
-                              "drop one of them")
+            raise ConfigError(
+                f"train.objective: {self.objective!r} conflicts with train.objectives (a mix); drop one of them"
+            )
         if not self.objectives and self.objective == "hybrid":
-            raise ConfigError("train.objectives: train.objective hybrid needs terms, e.g. "
-                              "{clm: {ratio: 1}, mlm: {ratio: 3}}")
+            raise ConfigError(
+                "train.objectives: train.objective hybrid needs terms, e.g. {clm: {ratio: 1}, mlm: {ratio: 3}}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as YAML holds them (masking and objectives as mappings)."""
@@ -441,13 +552,18 @@ def canonical_train_settings(data: dict[str, Any]) -> dict[str, Any]:
 
 # ---- distillation -------------------------------------------------------------------------------
 DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation")
-DIVERGENCE_ALIASES = {"kl": "forward_kl", "fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "generalized_jsd",
-                      "tvd": "total_variation"}
+DIVERGENCE_ALIASES = {
+    "kl": "forward_kl",
+    "fkl": "forward_kl",
+    "rkl": "reverse_kl",
+    "jsd": "generalized_jsd",
+    "tvd": "total_variation",
+}
 
 
 @dataclass
 class DistillConfig:
-    """The optional `distill:` section: train the model as a student of a teacher (flashlm.train.distill).
+    """The optional `distill:` section: train the model as a student of a teacher (flashlm.training.distill).
 
     loss = alpha·(the objective's loss on hard labels) + (1 − alpha)·T²·D(teacher_T ‖ student_T)
            [+ hidden_weight·hidden-state loss] [+ attention_weight·last-layer attention transfer]
@@ -474,24 +590,41 @@ class DistillConfig:
             if not cond:
                 raise ConfigError(f"distill.{key}: {msg}")
 
-        need(isinstance(self.teacher, str) and isinstance(self.cache, str), "teacher",
-             "teacher and cache must be paths (strings)")
-        need(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k > 0, "top_k",
-             f"must be a positive integer, got {self.top_k!r}")
+        need(
+            isinstance(self.teacher, str) and isinstance(self.cache, str),
+            "teacher",
+            "teacher and cache must be paths (strings)",
+        )
+        need(
+            isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k > 0,
+            "top_k",
+            f"must be a positive integer, got {self.top_k!r}",
+        )
         need(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         need(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
-        need(self.divergence in DIVERGENCES, "divergence",
-             f"must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        need(
+            self.divergence in DIVERGENCES,
+            "divergence",
+            f"must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}",
+        )
         need(0.0 < self.beta < 1.0, "beta", f"must be strictly between 0 and 1, got {self.beta}")
         need(self.hidden_weight >= 0, "hidden_weight", f"must be >= 0, got {self.hidden_weight}")
         need(self.attention_weight >= 0, "attention_weight", f"must be >= 0, got {self.attention_weight}")
-        need(self.hidden_loss in ("cosine", "mse"), "hidden_loss",
-             f"must be cosine or mse, got {self.hidden_loss!r}")
-        need(self.layer_map is None or (isinstance(self.layer_map, (list, tuple)) and all(
-             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layer_map)), "layer_map",
-             f"must be a list of teacher block indices (0-based) or null, got {self.layer_map!r}")
-        need(self.student_init in ("scratch", "teacher"), "student_init",
-             f"must be scratch or teacher, got {self.student_init!r}")
+        need(self.hidden_loss in ("cosine", "mse"), "hidden_loss", f"must be cosine or mse, got {self.hidden_loss!r}")
+        need(
+            self.layer_map is None
+            or (
+                isinstance(self.layer_map, (list, tuple))
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layer_map)
+            ),
+            "layer_map",
+            f"must be a list of teacher block indices (0-based) or null, got {self.layer_map!r}",
+        )
+        need(
+            self.student_init in ("scratch", "teacher"),
+            "student_init",
+            f"must be scratch or teacher, got {self.student_init!r}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -521,13 +654,17 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         if self.train.seq_len > self.model.max_seq_len:
-            raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
-                              f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len")
+            raise ConfigError(
+                f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len"
+            )
         if self.distill is not None:
             self.distill.validate()
             if not self.distill.teacher and not self.distill.cache:
-                raise ConfigError("distill.teacher: not set; point it at a FlashLM checkpoint, a local "
-                                  "transformers model dir or a `flashlm distill cache` dir")
+                raise ConfigError(
+                    "distill.teacher: not set; point it at a FlashLM checkpoint, a local "
+                    "transformers model dir or a `flashlm distill cache` dir"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model.to_dict(), "train": self.train.to_dict()}
@@ -587,7 +724,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = {}
             elif not isinstance(child, dict):
                 what = "a section" if depth == 0 else "a mapping"
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not {what}")
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is not {what}")
             node[part] = child = dict(child)  # a copy: the caller's mapping stays as it was
             node = child
         node[parts[-1]] = value

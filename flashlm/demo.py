@@ -51,15 +51,30 @@ def model_config(vocab_size: int, student: bool = False) -> ModelConfig:
     return replace(base, n_layers=2, layer_pattern="LG") if student else base
 
 
-def train_config(shards: Path, out: Path, seed: int, minutes: float = 0.0, steps: int = 10**9,
-                 hybrid: bool = False) -> TrainConfig:
+def train_config(
+    shards: Path, out: Path, seed: int, minutes: float = 0.0, steps: int = 10**9, hybrid: bool = False
+) -> TrainConfig:
     """A run of `minutes` (the lr schedule follows the clock), or of exactly `steps`."""
     mix = dict(objective="hybrid", objectives=HYBRID, masking=MASKING) if hybrid else dict(objective="clm")
     timed = minutes > 0
-    return TrainConfig(data=str(shards), out=str(out), minutes=minutes, steps=steps, batch_size=16, seq_len=128,
-                       lr=3e-3, warmup_steps=30, eval_every=10**9 if timed else steps, eval_batches=16,
-                       save_every=10**9 if timed else steps, keep_last=1, log_every=10, seed=seed, device="cpu",
-                       **mix)
+    return TrainConfig(
+        data=str(shards),
+        out=str(out),
+        minutes=minutes,
+        steps=steps,
+        batch_size=16,
+        seq_len=128,
+        lr=3e-3,
+        warmup_steps=30,
+        eval_every=10**9 if timed else steps,
+        eval_batches=16,
+        save_every=10**9 if timed else steps,
+        keep_last=1,
+        log_every=10,
+        seed=seed,
+        device="cpu",
+        **mix,
+    )
 
 
 def prepare(out: Path, data: list[str] | None, seed: int) -> tuple[Any, Path, list[str], Stage]:
@@ -84,9 +99,12 @@ def prepare(out: Path, data: list[str] | None, seed: int) -> tuple[Any, Path, li
     else:  # new stories from another seed
         held_out = list(story_corpus(200, seed=seed + 10_000))
     splits = meta["splits"]
-    stage.results = {"documents": sum(s.get("docs", 0) for s in splits.values()),
-                     "train_tokens": splits["train"]["tokens"], "vocab_size": tokenizer.vocab_size,
-                     "held_out_documents": len(held_out)}
+    stage.results = {
+        "documents": sum(s.get("docs", 0) for s in splits.values()),
+        "train_tokens": splits["train"]["tokens"],
+        "vocab_size": tokenizer.vocab_size,
+        "held_out_documents": len(held_out),
+    }
     stage.seconds = time.perf_counter() - began
     return tokenizer, out / "shards", held_out, stage
 
@@ -100,15 +118,18 @@ def _val_documents(shards: Path, limit: int) -> list[Any]:
 
 def train_stage(name: str, cfg: RunConfig) -> Stage:
     from flashlm.config import count_parameters
-    from flashlm.train import train
+    from flashlm.training import train
 
     stage = Stage(name)
     began = time.perf_counter()
     summary = train(cfg)
     stage.seconds = time.perf_counter() - began
-    stage.results = {"parameters": count_parameters(cfg.model), "steps": summary["step"],
-                     "train_tokens": summary["step"] * cfg.train.batch_size * cfg.train.seq_len,
-                     "checkpoint": summary["checkpoint"]}
+    stage.results = {
+        "parameters": count_parameters(cfg.model),
+        "steps": summary["step"],
+        "train_tokens": summary["step"] * cfg.train.batch_size * cfg.train.seq_len,
+        "checkpoint": summary["checkpoint"],
+    }
     return stage
 
 
@@ -127,12 +148,18 @@ def score(model_dir: str, shards: Path, held_out: list[str]) -> dict[str, float]
     masked = masked_metrics(pretraining, shards, tokenizer=tokenizer, windows=128, pairs=256)
     measure_batch(model, 1, 32, 4)  # warm-up
     speeds = [measure_batch(model, 1, 32, 64, seed=i)["decode_tokens_per_s"] for i in range(3)]
-    return {"val_loss": lm["loss"], "val_ppl": lm["ppl"], "val_bpb": lm["bpb"], "mlm_acc": masked["mlm_acc"],
-            "nsp_acc": masked["nsp_acc"], "decode_tok_s": statistics.median(speeds)}
+    return {
+        "val_loss": lm["loss"],
+        "val_ppl": lm["ppl"],
+        "val_bpb": lm["bpb"],
+        "mlm_acc": masked["mlm_acc"],
+        "nsp_acc": masked["nsp_acc"],
+        "decode_tok_s": statistics.median(speeds),
+    }
 
 
 def samples(model_dir: str, seed: int) -> list[str]:
-    from flashlm.generate import Sampling, generate
+    from flashlm.generation import Sampling, generate
     from flashlm.model.transformer import FlashLM
     from flashlm.tokenizer import Tokenizer
 
@@ -141,15 +168,24 @@ def samples(model_dir: str, seed: int) -> list[str]:
     return [p + c for p, c in zip(PROMPTS, generate(model, tokenizer, list(PROMPTS), sampling), strict=True)]
 
 
-COLUMNS = (("parameters", "parameters", "{:,}"), ("steps", "steps", "{:,}"), ("train s", "seconds", "{:.0f}"),
-           ("held-out loss", "val_loss", "{:.3f}"), ("ppl", "val_ppl", "{:.2f}"), ("bits/byte", "val_bpb", "{:.3f}"),
-           ("MLM acc", "mlm_acc", "{:.1%}"), ("NSP acc", "nsp_acc", "{:.1%}"),
-           ("decode tok/s", "decode_tok_s", "{:.0f}"))
+COLUMNS = (
+    ("parameters", "parameters", "{:,}"),
+    ("steps", "steps", "{:,}"),
+    ("train s", "seconds", "{:.0f}"),
+    ("held-out loss", "val_loss", "{:.3f}"),
+    ("ppl", "val_ppl", "{:.2f}"),
+    ("bits/byte", "val_bpb", "{:.3f}"),
+    ("MLM acc", "mlm_acc", "{:.1%}"),
+    ("NSP acc", "nsp_acc", "{:.1%}"),
+    ("decode tok/s", "decode_tok_s", "{:.0f}"),
+)
 
 
 def comparison_rows(models: list[Stage]) -> list[list[str]]:
-    return [[m.name] + [fmt.format(m.seconds if key == "seconds" else m.results[key]) for _, key, fmt in COLUMNS]
-            for m in models]
+    return [
+        [m.name] + [fmt.format(m.seconds if key == "seconds" else m.results[key]) for _, key, fmt in COLUMNS]
+        for m in models
+    ]
 
 
 def verdicts(teacher: Stage, distilled: Stage, scratch: Stage) -> list[str]:
@@ -168,11 +204,16 @@ def verdicts(teacher: Stage, distilled: Stage, scratch: Stage) -> list[str]:
 
 def write_report(out: Path, data: Stage, models: list[Stage], texts: list[str], notes: list[str]) -> Path:
     header = ["model", *(c[0] for c in COLUMNS)]
-    lines = ["# FlashLM demo report", "",
-             f"Corpus: {data.results['documents']:,} documents, {data.results['train_tokens']:,} training tokens, "
-             f"byte-level BPE of {data.results['vocab_size']:,} tokens; scored on "
-             f"{data.results['held_out_documents']} held-out documents with the same tokenizer.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        "# FlashLM demo report",
+        "",
+        f"Corpus: {data.results['documents']:,} documents, {data.results['train_tokens']:,} training tokens, "
+        f"byte-level BPE of {data.results['vocab_size']:,} tokens; scored on "
+        f"{data.results['held_out_documents']} held-out documents with the same tokenizer.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(models)]
     lines += ["", *[f"- {n}" for n in notes], "", "## Teacher samples", "", *[f"- {t}" for t in texts]]
     lines += ["", "## Loss curves", ""] + [f"![{m.name}]({_run_dir(m.name)}/loss.png)" for m in models] + [""]
@@ -196,8 +237,9 @@ def comparison_table(models: list[Stage]) -> Table:
     return table
 
 
-def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, data: list[str] | None = None,
-             seed: int = 0) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", minutes: float = 5.0, data: list[str] | None = None, seed: int = 0
+) -> dict[str, Any]:
     """Run the whole pipeline in about `minutes`; return the stages' results."""
     if minutes <= 0:
         raise FlashLMError(f"--minutes must be positive, got {minutes}")
@@ -213,17 +255,33 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, data: list[str
     vocab = tokenizer.vocab_size
 
     console.print("[bold]1/3[/] teacher: Flash-Lite hybrid pre-training (causal + masked next-token + NSP)")
-    teacher = train_stage("teacher", RunConfig(model=model_config(vocab), train=train_config(
-        shards, out / _run_dir("teacher"), seed, minutes=train_minutes * TEACHER_SHARE, hybrid=True)))
+    teacher = train_stage(
+        "teacher",
+        RunConfig(
+            model=model_config(vocab),
+            train=train_config(
+                shards, out / _run_dir("teacher"), seed, minutes=train_minutes * TEACHER_SHARE, hybrid=True
+            ),
+        ),
+    )
     steps = max(int(teacher.results["steps"] * STUDENT_STEPS_PER_TEACHER_STEP), 20)
     console.print(f"[bold]2/3[/] student distilled from the teacher (causal LM + forward KL), {steps} steps")
-    distilled = train_stage("distilled student", RunConfig(
-        model=model_config(vocab, student=True),
-        train=train_config(shards, out / _run_dir("distilled student"), seed, steps=steps),
-        distill=DistillConfig(teacher=teacher.results["checkpoint"], alpha=0.3, temperature=1.0)))
+    distilled = train_stage(
+        "distilled student",
+        RunConfig(
+            model=model_config(vocab, student=True),
+            train=train_config(shards, out / _run_dir("distilled student"), seed, steps=steps),
+            distill=DistillConfig(teacher=teacher.results["checkpoint"], alpha=0.3, temperature=1.0),
+        ),
+    )
     console.print(f"[bold]3/3[/] the same student from scratch: the same {steps} steps and batches")
-    scratch = train_stage("scratch student", RunConfig(model=model_config(vocab, student=True), train=train_config(
-        shards, out / _run_dir("scratch student"), seed, steps=steps)))
+    scratch = train_stage(
+        "scratch student",
+        RunConfig(
+            model=model_config(vocab, student=True),
+            train=train_config(shards, out / _run_dir("scratch student"), seed, steps=steps),
+        ),
+    )
     models = [teacher, distilled, scratch]
     for m in models:
         m.results.update(score(m.results["checkpoint"], shards, held_out))

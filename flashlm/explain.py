@@ -53,8 +53,9 @@ def encode(model: FlashLM, tokenizer, text: str, add_bos: bool = True, max_token
 
 
 @torch.no_grad()
-def attention_maps(model: FlashLM, tokenizer, text: str, add_bos: bool = True,
-                   max_tokens: int | None = None) -> Attention:
+def attention_maps(
+    model: FlashLM, tokenizer, text: str, add_bos: bool = True, max_tokens: int | None = None
+) -> Attention:
     """Every layer's and head's causal attention weights over the tokens of `text`."""
     ids = encode(model, tokenizer, text, add_bos, max_tokens)
     device = next(model.parameters()).device
@@ -74,8 +75,14 @@ def select_attention(weights: torch.Tensor, layer: int | None = None, head: int 
     return weights.mean(0) if head is None else weights[head]
 
 
-def saliency(model: FlashLM, tokenizer, text: str, target: int | str | None = None, add_bos: bool = True,
-             max_tokens: int | None = None) -> Saliency:
+def saliency(
+    model: FlashLM,
+    tokenizer,
+    text: str,
+    target: int | str | None = None,
+    add_bos: bool = True,
+    max_tokens: int | None = None,
+) -> Saliency:
     """Gradient × input-embedding norm per token for predicting `target` right after `text`.
 
     `target` is a token id, or a string whose first token is used (mind the leading space: " cat"),
@@ -100,8 +107,14 @@ def saliency(model: FlashLM, tokenizer, text: str, target: int | str | None = No
     finally:
         handle.remove()
     scores = (grad[0] * captured[0].detach()[0]).norm(dim=-1).cpu()
-    return Saliency(token_strings(tokenizer, ids), ids, scores, target_id,
-                    token_strings(tokenizer, [target_id])[0], float(logprobs[target_id].detach().exp()))
+    return Saliency(
+        token_strings(tokenizer, ids),
+        ids,
+        scores,
+        target_id,
+        token_strings(tokenizer, [target_id])[0],
+        float(logprobs[target_id].detach().exp()),
+    )
 
 
 def _target_id(tokenizer, target: int | str | None, best: int, vocab: int) -> int:
@@ -117,26 +130,51 @@ def _target_id(tokenizer, target: int | str | None, best: int, vocab: int) -> in
     return int(target)
 
 
-def explain(model: FlashLM, tokenizer, text: str, layer: int | None = None, head: int | None = None,
-            target: int | str | None = None, with_saliency: bool = True, max_tokens: int | None = None,
-            digits: int = 5) -> dict:
+def explain(
+    model: FlashLM,
+    tokenizer,
+    text: str,
+    layer: int | None = None,
+    head: int | None = None,
+    target: int | str | None = None,
+    with_saliency: bool = True,
+    max_tokens: int | None = None,
+    digits: int = 5,
+) -> dict:
     """Everything as JSON-ready data: tokens, the selected attention map, sizes, and saliency."""
     att = attention_maps(model, tokenizer, text, max_tokens=max_tokens)
     matrix = select_attention(att.weights, layer, head)
     result = {
-        "text": text, "tokens": att.tokens, "ids": att.ids,
-        "n_layers": att.weights.shape[0], "n_heads": att.weights.shape[1], "layer_types": att.layer_types,
-        "layer": layer, "head": head, "attention": _rounded(matrix, digits),
+        "text": text,
+        "tokens": att.tokens,
+        "ids": att.ids,
+        "n_layers": att.weights.shape[0],
+        "n_heads": att.weights.shape[1],
+        "layer_types": att.layer_types,
+        "layer": layer,
+        "head": head,
+        "attention": _rounded(matrix, digits),
     }
     if with_saliency:
         sal = saliency(model, tokenizer, text, target, max_tokens=max_tokens)
-        result["saliency"] = {"target": sal.target, "target_id": sal.target_id,
-                              "probability": round(sal.probability, digits), "scores": _rounded(sal.scores, digits)}
+        result["saliency"] = {
+            "target": sal.target,
+            "target_id": sal.target_id,
+            "probability": round(sal.probability, digits),
+            "scores": _rounded(sal.scores, digits),
+        }
     return result
 
 
-def save_explanation(model: FlashLM, tokenizer, text: str, out_dir: str | Path, layer: int | None = None,
-                     head: int | None = None, target: int | str | None = None) -> dict[str, Path]:
+def save_explanation(
+    model: FlashLM,
+    tokenizer,
+    text: str,
+    out_dir: str | Path,
+    layer: int | None = None,
+    head: int | None = None,
+    target: int | str | None = None,
+) -> dict[str, Path]:
     """Write attention.png (the selected map), attention_grid.png (all layers × heads), saliency.png and
     explain.json into `out_dir`; return their paths."""
     out = Path(out_dir)
@@ -149,15 +187,28 @@ def save_explanation(model: FlashLM, tokenizer, text: str, out_dir: str | Path, 
     paths = {
         "attention": plot_attention(matrix, att.tokens, out / "attention.png", f"attention ({which})"),
         "attention_grid": plot_attention_grid(att.weights, att.tokens, out / "attention_grid.png", att.layer_types),
-        "saliency": plot_saliency(sal.tokens, sal.scores, out / "saliency.png",
-                                  f"saliency for next token {sal.target!r} (p={sal.probability:.3f})"),
+        "saliency": plot_saliency(
+            sal.tokens,
+            sal.scores,
+            out / "saliency.png",
+            f"saliency for next token {sal.target!r} (p={sal.probability:.3f})",
+        ),
     }
     data = {
-        "text": text, "tokens": att.tokens, "ids": att.ids, "layer_types": att.layer_types,
-        "layer": layer, "head": head, "attention": _rounded(matrix, 5),
+        "text": text,
+        "tokens": att.tokens,
+        "ids": att.ids,
+        "layer_types": att.layer_types,
+        "layer": layer,
+        "head": head,
+        "attention": _rounded(matrix, 5),
         "attention_all": _rounded(att.weights, 5),  # [L][H][T][T]
-        "saliency": {"target": sal.target, "target_id": sal.target_id, "probability": sal.probability,
-                     "scores": _rounded(sal.scores, 6)},
+        "saliency": {
+            "target": sal.target,
+            "target_id": sal.target_id,
+            "probability": sal.probability,
+            "scores": _rounded(sal.scores, 6),
+        },
     }
     paths["json"] = out / "explain.json"
     paths["json"].write_text(json.dumps(data, ensure_ascii=False))
@@ -196,8 +247,9 @@ def plot_attention(matrix, tokens: list[str], path: str | Path, title: str = "at
     return Path(path)
 
 
-def plot_attention_grid(weights, tokens: list[str], path: str | Path, layer_types: list[str] | None = None,
-                        max_panels: int = 64) -> Path:
+def plot_attention_grid(
+    weights, tokens: list[str], path: str | Path, layer_types: list[str] | None = None, max_panels: int = 64
+) -> Path:
     """Small multiples: layers as rows, heads as columns (heads averaged when there are too many panels)."""
     weights = torch.as_tensor(weights).float()
     if weights.shape[0] * weights.shape[1] > max_panels:

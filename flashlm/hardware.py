@@ -49,8 +49,11 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
         return "bf16" if native else "fp32"
     if not native and "bf16" not in _warned:
         _warned.add("bf16")
-        print(f"warning: bf16 on this {kind.upper()} ({cpu_model()}) has no native bf16 units and runs much "
-              "slower than fp32; use --precision auto (or fp32) for the fast path", file=sys.stderr)
+        print(
+            f"warning: bf16 on this {kind.upper()} ({cpu_model()}) has no native bf16 units and runs much "
+            "slower than fp32; use --precision auto (or fp32) for the fast path",
+            file=sys.stderr,
+        )
     return "bf16"
 
 
@@ -106,9 +109,19 @@ def describe(info: dict[str, Any]) -> str:
     native = [k for k in ("amx", "avx512_bf16") if info.get(f"cpu_{k}")]
     bf16 = f"native bf16 ({', '.join(native)})" if native else "no native bf16"
     gpu = f"; GPU {info['gpu']}" if info.get("gpu") else ""
-    return (f"{info['cpu']}, {info['cpus']} CPUs, {info['cpu_capability']}, {bf16}; "
-            f"{info['torch_threads']} torch threads; torch {info['torch']}{gpu}")
+    return (
+        f"{info['cpu']}, {info['cpus']} CPUs, {info['cpu_capability']}, {bf16}; "
+        f"{info['torch_threads']} torch threads; torch {info['torch']}{gpu}"
+    )
 
 
-__all__ = ["PRECISIONS", "cpu_bf16_support", "cpu_has_native_bf16", "cpu_model", "describe", "dtype_of",
-           "machine_info", "resolve_precision"]
+__all__ = [
+    "PRECISIONS",
+    "cpu_bf16_support",
+    "cpu_has_native_bf16",
+    "cpu_model",
+    "describe",
+    "dtype_of",
+    "machine_info",
+    "resolve_precision",
+]

@@ -121,9 +121,7 @@ class Tokenizer:
         """Token ids of ``text``, optionally framed by ``<bos>``/``<eos>``."""
         return self._frame(self._tok.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
 
-    def encode_batch(
-        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
-    ) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
         """`encode` over many texts at once (multi-threaded inside `tokenizers`)."""
         encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
         return [self._frame(e.ids, add_bos, add_eos) for e in encodings]

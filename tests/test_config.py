@@ -82,11 +82,14 @@ def test_masking_and_objectives_are_typed_and_nested_overrides_reach_them(tmp_pa
     from flashlm.config import MaskingConfig, ObjectiveTerm, TrainConfig
 
     path = tmp_path / "run.yaml"
-    path.write_text("model:\n  preset: nano\ntrain:\n  seq_len: 64\n  objective: hybrid\n"
-                    "  objectives:\n    clm: {ratio: 1}\n    mlm: {ratio: 3, nsp_weight: 0.5}\n"
-                    "  masking:\n    rate: 0.3\n    max_span: 3\n")
-    cfg = load_run_config(path, ["train.masking.rate_end=0.15", "train.objectives.mlm.nsp_weight=1",
-                                 "train.objectives.nsp.ratio=2"])
+    path.write_text(
+        "model:\n  preset: nano\ntrain:\n  seq_len: 64\n  objective: hybrid\n"
+        "  objectives:\n    clm: {ratio: 1}\n    mlm: {ratio: 3, nsp_weight: 0.5}\n"
+        "  masking:\n    rate: 0.3\n    max_span: 3\n"
+    )
+    cfg = load_run_config(
+        path, ["train.masking.rate_end=0.15", "train.objectives.mlm.nsp_weight=1", "train.objectives.nsp.ratio=2"]
+    )
     assert cfg.train.masking == MaskingConfig(rate=0.3, rate_end=0.15, max_span=3)
     assert list(cfg.train.objectives) == ["clm", "mlm", "nsp"]
     assert cfg.train.objectives["mlm"] == ObjectiveTerm("mlm", ratio=3, nsp_weight=1.0)
@@ -111,6 +114,6 @@ def test_config_does_not_import_training():
     import subprocess
     import sys
 
-    code = "import sys, flashlm.config; print(any(m.startswith('flashlm.train') for m in sys.modules))"
+    code = "import sys, flashlm.config; print(any(m.startswith('flashlm.training') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -8,8 +8,17 @@ from flashlm.demo import Stage, model_config, verdicts, write_report
 
 
 def stage(name: str, loss: float, params: int, speed: float) -> Stage:
-    results = {"parameters": params, "steps": 80, "val_loss": loss, "val_ppl": 2.718 ** loss, "val_bpb": loss / 3,
-               "mlm_acc": 0.6, "nsp_acc": 0.9, "decode_tok_s": speed, "checkpoint": f"{name}/latest"}
+    results = {
+        "parameters": params,
+        "steps": 80,
+        "val_loss": loss,
+        "val_ppl": 2.718**loss,
+        "val_bpb": loss / 3,
+        "mlm_acc": 0.6,
+        "nsp_acc": 0.9,
+        "decode_tok_s": speed,
+        "checkpoint": f"{name}/latest",
+    }
     return Stage(name, seconds=10.0, results=results)
 
 
@@ -28,8 +37,11 @@ def test_verdicts_say_whether_the_story_holds():
 
 def test_report_holds_the_table_verdicts_and_samples(tmp_path):
     data = Stage("data", 3.0, {"documents": 100, "train_tokens": 5000, "vocab_size": 512, "held_out_documents": 10})
-    models = [stage("teacher", 0.68, 4_000_000, 160), stage("distilled student", 0.8, 1_600_000, 480),
-              stage("scratch student", 0.83, 1_600_000, 480)]
+    models = [
+        stage("teacher", 0.68, 4_000_000, 160),
+        stage("distilled student", 0.8, 1_600_000, 480),
+        stage("scratch student", 0.83, 1_600_000, 480),
+    ]
     path = write_report(tmp_path, data, models, ["Once upon a time ..."], ["a verdict"])
     text = path.read_text()
     assert "| distilled student | 1,600,000 | 80 | 10 | 0.800 |" in text and "| decode tok/s |" in text

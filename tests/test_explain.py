@@ -111,10 +111,28 @@ def test_save_explanation_writes_pngs_and_json(model, tokenizer, tmp_path):
 def test_explain_cli(model, tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
     out = tmp_path / "explained"
-    result = CliRunner().invoke(cli.app, ["explain", str(tmp_path / "m"), "The cat sat on the mat.",
-                                          "--layer", "0", "--head", "1", "--target", " and", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "explain",
+            str(tmp_path / "m"),
+            "The cat sat on the mat.",
+            "--layer",
+            "0",
+            "--head",
+            "1",
+            "--target",
+            " and",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["attention.png", "attention_grid.png", "explain.json",
-                                                     "saliency.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "attention.png",
+        "attention_grid.png",
+        "explain.json",
+        "saliency.png",
+    ]
     data = json.loads((out / "explain.json").read_text())
     assert data["saliency"]["target_id"] == tokenizer.encode(" and")[0]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flashlm import hardware
-from flashlm.train.finetune import FinetuneConfig
-from flashlm.train.optim import autocast_for
+from flashlm.training.finetune import FinetuneConfig
+from flashlm.training.optim import autocast_for
 
 
 @pytest.fixture(params=[False, True], ids=["avx2-only", "native-bf16"])
@@ -49,7 +49,8 @@ def test_the_serving_engine_loads_bf16_weights_only_on_native_hardware(native, t
 
     run = tmp_path / "run"
     FlashLM(replace(get_preset("nano"), vocab_size=trained_tokenizer.vocab_size)).save_pretrained(
-        run / "checkpoints" / "step_000001", tokenizer=trained_tokenizer)
+        run / "checkpoints" / "step_000001", tokenizer=trained_tokenizer
+    )
     (run / "latest").symlink_to("checkpoints/step_000001")
     engine = Engine.load(run / "latest")
     assert next(engine.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)

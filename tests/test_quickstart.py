@@ -17,9 +17,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = [("flashlm", "data"), ("flashlm", "data"), ("flashlm", "tokenizer"), ("flashlm", "data"),
-         ("flashlm", "train"), ("flashlm", "generate"), ("flashlm", "eval"), ("flashlm", "export"),
-         ("flashlm", "serve"), ("curl", "-s")]
+STEPS = [
+    ("flashlm", "data"),
+    ("flashlm", "data"),
+    ("flashlm", "tokenizer"),
+    ("flashlm", "data"),
+    ("flashlm", "train"),
+    ("flashlm", "generate"),
+    ("flashlm", "eval"),
+    ("flashlm", "export"),
+    ("flashlm", "serve"),
+    ("curl", "-s"),
+]
 
 
 def quickstart_commands() -> list[str]:
@@ -60,8 +69,9 @@ def test_readme_quickstart_runs_as_written(tmp_path):
         for command in quickstart_commands():
             words = shlex.split(command)
             if words[:2] == ["flashlm", "serve"]:
-                server = subprocess.Popen(argv(words), cwd=tmp_path, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True)
+                server = subprocess.Popen(
+                    argv(words), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
                 wait_until_listening(int(words[words.index("--port") + 1]), server)
                 outputs.append("")
                 continue

@@ -32,8 +32,24 @@ def build_shards(directory: Path, n_docs: int = 1500, vocab_size: int = 512, sou
 
 def tiny_config(data: Path, out: Path, *overrides: str) -> RunConfig:
     """The nano model at seq 32 on `data`, CPU, logging every step; `overrides` as section.key=value."""
-    base = {"model": {"preset": "nano"},
-            "train": {"data": str(data), "out": str(out), "steps": 6, "batch_size": 4, "seq_len": 32,
-                      "lr": 3e-3, "warmup_steps": 2, "log_every": 1, "eval_every": 3, "eval_batches": 2,
-                      "save_every": 3, "keep_last": 2, "device": "cpu", "precision": "fp32", "seed": 7}}
+    base = {
+        "model": {"preset": "nano"},
+        "train": {
+            "data": str(data),
+            "out": str(out),
+            "steps": 6,
+            "batch_size": 4,
+            "seq_len": 32,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "eval_every": 3,
+            "eval_batches": 2,
+            "save_every": 3,
+            "keep_last": 2,
+            "device": "cpu",
+            "precision": "fp32",
+            "seed": 7,
+        },
+    }
     return RunConfig.from_dict(apply_overrides(base, list(overrides)))

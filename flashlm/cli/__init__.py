@@ -38,8 +38,12 @@ from flashlm.cli.tokenizer import tokenizer_app, tokenizer_train
 from flashlm.cli.train import TIMED_STEP_CAP, demo, distill_app, distill_cache, distill_command, train_command
 from flashlm.errors import FlashLMError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="FlashLM: build, pre-train, distill, evaluate and serve compact language models.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="FlashLM: build, pre-train, distill, evaluate and serve compact language models.",
+)
 
 # Commands, in the order `flashlm --help` lists them; then the command groups.
 app.command()(generate)

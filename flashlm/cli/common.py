@@ -9,8 +9,10 @@ import typer
 from rich.console import Console
 
 console = Console(stderr=True)
-INFERENCE_PRECISION = ("auto (bf16 weights on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16 "
-                       "(much slower on CPUs without native bf16).")
+INFERENCE_PRECISION = (
+    "auto (bf16 weights on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16 "
+    "(much slower on CPUs without native bf16)."
+)
 
 
 def check_precision(value: str) -> str:
@@ -41,8 +43,7 @@ def eval_load(model_dir: Path, device: str, tokenizer: bool = True):
 
 def eval_echo(task: str, results: dict, path: Path, keys: tuple[str, ...]) -> None:
     """One line: the task, the `keys` of its results and where they were written."""
-    shown = ", ".join(f"{k} {results[k]:.4g}" if isinstance(results[k], float) else f"{k} {results[k]}"
-                      for k in keys)
+    shown = ", ".join(f"{k} {results[k]:.4g}" if isinstance(results[k], float) else f"{k} {results[k]}" for k in keys)
     typer.echo(f"{task}: {shown}; written to {path}")
 
 
@@ -53,6 +54,8 @@ def next_token_convention(model_dir: Path, flag: bool | None) -> bool:
     return trained_next_token(model_dir) if flag is None else flag
 
 
-CONVENTION = typer.Option("--next-token/--in-place",
-                          help="Masked next-token (GPT-BERT) or in-place (BERT) prediction; default: "
-                               "what the checkpoint was trained with, else next-token.")
+CONVENTION = typer.Option(
+    "--next-token/--in-place",
+    help="Masked next-token (GPT-BERT) or in-place (BERT) prediction; default: "
+    "what the checkpoint was trained with, else next-token.",
+)

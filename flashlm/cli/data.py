@@ -23,11 +23,21 @@ def data_prepare(
     """Tokenize documents into train/val token shards (+ document index and meta.json)."""
     from flashlm.data.shards import prepare_shards
 
-    meta = prepare_shards([str(p) for p in inputs], tokenizer, out, val_fraction=val_fraction,
-                          workers=workers, txt_mode=txt_mode, field=field, progress=True)
+    meta = prepare_shards(
+        [str(p) for p in inputs],
+        tokenizer,
+        out,
+        val_fraction=val_fraction,
+        workers=workers,
+        txt_mode=txt_mode,
+        field=field,
+        progress=True,
+    )
     for split, stats in meta["splits"].items():
-        typer.echo(f"{split}: {stats['docs']:,} documents, {stats['tokens']:,} tokens, "
-                   f"{stats['text_bytes'] / 1e6:.1f} MB of text")
+        typer.echo(
+            f"{split}: {stats['docs']:,} documents, {stats['tokens']:,} tokens, "
+            f"{stats['text_bytes'] / 1e6:.1f} MB of text"
+        )
     typer.echo(f"shards ({meta['dtype']}) written to {out}")
 
 

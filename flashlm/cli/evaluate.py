@@ -17,8 +17,11 @@ from flashlm.cli.common import (
     next_token_convention,
 )
 
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models: perplexity, cloze, long-range tasks, "
-                       "efficiency, fine-tuned tasks, reports (`eval all`: the whole report card).")
+eval_app = typer.Typer(
+    no_args_is_help=True,
+    help="Evaluate models: perplexity, cloze, long-range tasks, "
+    "efficiency, fine-tuned tasks, reports (`eval all`: the whole report card).",
+)
 
 
 def _log(message: str) -> None:
@@ -67,16 +70,16 @@ def eval_cloze(
         raise DataError(f"no such file: {file}")
     model, tokenizer = eval_load(model_dir, device)
     results = cloze(model, tokenizer, file.read_text(encoding="utf-8").splitlines(), batch_size)
-    path = write_result(out, "cloze", results, model=str(model_dir), data=[file],
-                        scores={"cloze": results["accuracy"]})
+    path = write_result(out, "cloze", results, model=str(model_dir), data=[file], scores={"cloze": results["accuracy"]})
     eval_echo("cloze", results, path, ("accuracy", "target_ppl", "passages"))
 
 
 @eval_app.command("efficiency")
 def eval_efficiency(
     model: Annotated[str, typer.Argument(help="A model directory, or a preset name (random weights).")],
-    batch_size: Annotated[list[int] | None, typer.Option(
-        "--batch-size", "-b", help="Batch sizes to time (repeatable); default 1 and 8.")] = None,
+    batch_size: Annotated[
+        list[int] | None, typer.Option("--batch-size", "-b", help="Batch sizes to time (repeatable); default 1 and 8.")
+    ] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Generated tokens.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
@@ -98,14 +101,20 @@ def eval_efficiency(
     net = net.to(dtype_of(resolve_precision(check_precision(precision), run_on)))
     sizes = tuple(batch_size or (1, 8))
     results = efficiency(net, sizes, prompt_len, new_tokens, run_on)
-    settings = {"batch_sizes": list(sizes), "prompt_len": results["prompt_len"], "new_tokens": new_tokens,
-                "precision": results["precision"]}
+    settings = {
+        "batch_sizes": list(sizes),
+        "prompt_len": results["prompt_len"],
+        "new_tokens": new_tokens,
+        "precision": results["precision"],
+    }
     path = write_result(out, "efficiency", results, model=model, seed=0, settings=settings)
     typer.echo(f"{results['precision']} on {describe(results['machine'])}")
     for run in results["runs"]:
-        typer.echo(f"batch {run['batch_size']}: prefill {run['prefill_tokens_per_s']:.0f} tok/s, decode "
-                   f"{run['decode_tokens_per_s']:.0f} tok/s, first token {1000 * run['ttft_s']:.1f} ms, "
-                   f"p50/p95 {1000 * run['latency_p50_s']:.1f}/{1000 * run['latency_p95_s']:.1f} ms")
+        typer.echo(
+            f"batch {run['batch_size']}: prefill {run['prefill_tokens_per_s']:.0f} tok/s, decode "
+            f"{run['decode_tokens_per_s']:.0f} tok/s, first token {1000 * run['ttft_s']:.1f} ms, "
+            f"p50/p95 {1000 * run['latency_p50_s']:.1f}/{1000 * run['latency_p95_s']:.1f} ms"
+        )
     typer.echo(f"written to {path}")
 
 
@@ -122,16 +131,23 @@ def eval_report(
 
 @eval_app.command("longrange")
 def eval_longrange(
-    minutes: Annotated[float | None, typer.Option(
-        help="Training budget in minutes for all the small models together (also capped by --steps).")] = 12.0,
-    patterns: Annotated[str, typer.Option(
-        help="Comma-separated layer patterns: 'default' (local/global), 'global' (all-global) or L/G strings."
-    )] = "default,global",
+    minutes: Annotated[
+        float | None,
+        typer.Option(help="Training budget in minutes for all the small models together (also capped by --steps)."),
+    ] = 12.0,
+    patterns: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated layer patterns: 'default' (local/global), 'global' (all-global) or L/G strings."
+        ),
+    ] = "default,global",
     layers: Annotated[int, typer.Option(help="Layers of each small model ('default' is LG at 2).")] = 2,
     d_model: Annotated[int, typer.Option(help="Width of each small model.")] = 64,
     window: Annotated[int | None, typer.Option(help="Sliding window of the local layers (default 4).")] = None,
-    rope_base_global: Annotated[float | None, typer.Option(
-        help="RoPE base of the global layers (default 1e30, i.e. almost NoPE; models default to 1e6).")] = None,
+    rope_base_global: Annotated[
+        float | None,
+        typer.Option(help="RoPE base of the global layers (default 1e30, i.e. almost NoPE; models default to 1e6)."),
+    ] = None,
     train_len: Annotated[int, typer.Option(help="Longest passkey training row; scored up to 4x this.")] = 256,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps per model (default: the task's).")] = None,
     samples: Annotated[int, typer.Option(help="Passkey items per (length, depth) cell.")] = 10,
@@ -142,8 +158,15 @@ def eval_longrange(
     """Passkey retrieval and MQAR on small models trained here, local/global vs all-global; KV bytes."""
     from flashlm.tasks.longrange import LongRangeConfig, write_longrange
 
-    changes = {"threads": threads, "n_layers": layers, "d_model": d_model, "train_len": train_len,
-               "passkey_samples": samples, "seed": seed, "minutes": minutes}
+    changes = {
+        "threads": threads,
+        "n_layers": layers,
+        "d_model": d_model,
+        "train_len": train_len,
+        "passkey_samples": samples,
+        "seed": seed,
+        "minutes": minutes,
+    }
     if window is not None:
         changes["sliding_window"] = window
     if rope_base_global is not None:
@@ -164,19 +187,36 @@ def eval_all(
     cloze_file: Annotated[Path | None, typer.Option("--cloze", help="A LAMBADA-format file.")] = None,
     out: Annotated[Path, typer.Option(help="Results directory (report.md goes here).")] = Path("results"),
     quick: Annotated[bool, typer.Option(help="Small data and budgets: a report in a few minutes.")] = False,
-    minutes: Annotated[float | None, typer.Option(
-        help="Training minutes shared by the trained tasks (default: 2.5 with --quick, else each task's).")] = None,
-    tasks: Annotated[str | None, typer.Option(
-        help="Comma-separated subset of ppl,cloze,efficiency,longrange,babi,squad,translate.")] = None,
-    threads: Annotated[int | None, typer.Option(
-        help="CPU threads for torch (default: 1 with --quick: its small models gain nothing from more).")] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="Training minutes shared by the trained tasks (default: 2.5 with --quick, else each task's)."
+        ),
+    ] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="Comma-separated subset of ppl,cloze,efficiency,longrange,babi,squad,translate.")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads for torch (default: 1 with --quick: its small models gain nothing from more)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
     """Every task that applies to MODEL (fine-tuned tasks on copies of it), then report.md with plots."""
     from flashlm.tasks.run_all import evaluate_all
 
-    report = evaluate_all(model_dir, out, quick=quick, data=data or (), cloze_file=cloze_file, minutes=minutes,
-                          tasks=tasks.split(",") if tasks else None, threads=threads, device=device, log=_log)
+    report = evaluate_all(
+        model_dir,
+        out,
+        quick=quick,
+        data=data or (),
+        cloze_file=cloze_file,
+        minutes=minutes,
+        tasks=tasks.split(",") if tasks else None,
+        threads=threads,
+        device=device,
+        log=_log,
+    )
     typer.echo(f"report written to {report}")
 
 
@@ -193,8 +233,12 @@ ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (1 s
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]
 OutOpt = Annotated[Path, typer.Option(help="Results directory.")]
 SaveOpt = Annotated[Path | None, typer.Option(help="Keep the fine-tuned model (and tokenizer) here.")]
-PrecisionOpt = Annotated[str, typer.Option(
-    help="Training precision: auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="Training precision: auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16."
+    ),
+]
 ClockOpt = Annotated[str, typer.Option(help="What --minutes counts: wall time, or this process's cpu time.")]
 
 
@@ -205,23 +249,43 @@ def eval_babi(
     data: Annotated[Path | None, typer.Option(help="bAbI directory (default: $FLASHLM_BABI).")] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated task numbers.")] = "1-20",
     per_task: Annotated[bool, typer.Option(help="One model per task instead of one joint model.")] = False,
-    jobs: Annotated[int, typer.Option(min=1, help="With --per-task: tasks trained side by side, one process each "
-                                      "(threads shared out; 2 on 2 cores), quick tasks first (babi.SCHEDULE).")] = 1,
-    groups: Annotated[str, typer.Option(
-        "--groups", help="With --per-task: tasks that share one model, e.g. '2,3' (the default) or '2,3;7,8'; "
-                         "'none' for a model per task.")] = "2,3",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With --per-task: tasks trained side by side, one process each "
+            "(threads shared out; 2 on 2 cores), quick tasks first (babi.SCHEDULE).",
+        ),
+    ] = 1,
+    groups: Annotated[
+        str,
+        typer.Option(
+            "--groups",
+            help="With --per-task: tasks that share one model, e.g. '2,3' (the default) or '2,3;7,8'; "
+            "'none' for a model per task.",
+        ),
+    ] = "2,3",
     max_sentences: Annotated[int, typer.Option(help="Story statements kept before each question.")] = 50,
-    augment: Annotated[bool, typer.Option(
-        help="Rename entities, reword verbs (and turn qa19's compass) at random at every step.")] = True,
-    supporting_facts: Annotated[bool, typer.Option(
-        "--supporting-facts/--answer-only",
-        help="Train the model to write the supporting statements bAbI marks, then '= answer' (strong "
-             "supervision; only the answer is scored), or the answer alone.")] = True,
+    augment: Annotated[
+        bool, typer.Option(help="Rename entities, reword verbs (and turn qa19's compass) at random at every step.")
+    ] = True,
+    supporting_facts: Annotated[
+        bool,
+        typer.Option(
+            "--supporting-facts/--answer-only",
+            help="Train the model to write the supporting statements bAbI marks, then '= answer' (strong "
+            "supervision; only the answer is scored), or the answer alone.",
+        ),
+    ] = True,
     beam: Annotated[int, typer.Option(min=1, help="Beam search rows when answering (1: greedy).")] = 4,
-    copy_statements: Annotated[bool, typer.Option(
-        "--copy-statements/--free-chains",
-        help="With --supporting-facts: the written chain may only cite statements of the story, whole "
-             "(constrained beam search), or any text.")] = True,
+    copy_statements: Annotated[
+        bool,
+        typer.Option(
+            "--copy-statements/--free-chains",
+            help="With --supporting-facts: the written chain may only cite statements of the story, whole "
+            "(constrained beam search), or any text.",
+        ),
+    ] = True,
     minutes: MinutesOpt = None,
     epochs: EpochsOpt = None,
     max_steps: StepsOpt = None,
@@ -241,11 +305,33 @@ def eval_babi(
     from flashlm.tasks.finetuned import evaluate_babi
 
     path, results = evaluate_babi(
-        out, model=model, preset=preset, data=data, tasks=tasks, per_task=per_task, jobs=jobs, groups=groups,
-        max_sentences=max_sentences, augment=augment, supporting_facts=supporting_facts, beam=beam,
-        copy_statements=copy_statements, minutes=minutes, epochs=epochs, max_steps=max_steps,
-        batch_size=batch_size, lr=lr, train_limit=train_limit, test_limit=test_limit, precision=precision,
-        clock=clock, seed=seed, threads=threads, device=device, save=save)
+        out,
+        model=model,
+        preset=preset,
+        data=data,
+        tasks=tasks,
+        per_task=per_task,
+        jobs=jobs,
+        groups=groups,
+        max_sentences=max_sentences,
+        augment=augment,
+        supporting_facts=supporting_facts,
+        beam=beam,
+        copy_statements=copy_statements,
+        minutes=minutes,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        precision=precision,
+        clock=clock,
+        seed=seed,
+        threads=threads,
+        device=device,
+        save=save,
+    )
     eval_echo("babi", results, path, ("mean_accuracy", "failed_tasks", "train_seconds"))
 
 
@@ -275,9 +361,26 @@ def eval_squad(
     from flashlm.tasks.finetuned import evaluate_squad
 
     path, results = evaluate_squad(
-        train, eval_file, out, model=model, preset=preset, max_len=max_len, doc_stride=doc_stride,
-        max_answer_len=max_answer_len, minutes=minutes, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        lr=lr, precision=precision, clock=clock, seed=seed, threads=threads, device=device, save=save)
+        train,
+        eval_file,
+        out,
+        model=model,
+        preset=preset,
+        max_len=max_len,
+        doc_stride=doc_stride,
+        max_answer_len=max_answer_len,
+        minutes=minutes,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        precision=precision,
+        clock=clock,
+        seed=seed,
+        threads=threads,
+        device=device,
+        save=save,
+    )
     eval_echo("squad", results, path, ("exact_match", "f1", "count"))
 
 
@@ -311,10 +414,30 @@ def eval_translate(
     from flashlm.tasks.finetuned import evaluate_translate
 
     path, results = evaluate_translate(
-        train_src, train_tgt, eval_src, eval_tgt, out, model=model, preset=preset, beam=beam,
-        length_penalty=length_penalty, vocab_size=vocab_size, minutes=minutes, epochs=epochs, max_steps=max_steps,
-        batch_size=batch_size, lr=lr, train_limit=train_limit, eval_limit=eval_limit, precision=precision,
-        clock=clock, seed=seed, threads=threads, device=device, save=save)
+        train_src,
+        train_tgt,
+        eval_src,
+        eval_tgt,
+        out,
+        model=model,
+        preset=preset,
+        beam=beam,
+        length_penalty=length_penalty,
+        vocab_size=vocab_size,
+        minutes=minutes,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        train_limit=train_limit,
+        eval_limit=eval_limit,
+        precision=precision,
+        clock=clock,
+        seed=seed,
+        threads=threads,
+        device=device,
+        save=save,
+    )
     eval_echo("translate", results, path, ("bleu", "chrf", "train_seconds"))
 
 
@@ -350,8 +473,16 @@ def eval_mlm(
     convention = next_token_convention(model_dir, next_token)
     results = mlm_accuracy(model, stream, length, windows, rate=rate, next_token=convention, seed=seed)
     settings = {"split": split, "seq_len": length, "windows": windows, "rate": rate, "seed": seed}
-    path = write_result(out, "mlm", results, model=str(model_dir), data=[data / f"{split}.bin"], seed=seed,
-                        settings=settings, scores={"mlm": results["mlm_acc"]})
+    path = write_result(
+        out,
+        "mlm",
+        results,
+        model=str(model_dir),
+        data=[data / f"{split}.bin"],
+        seed=seed,
+        settings=settings,
+        scores={"mlm": results["mlm_acc"]},
+    )
     eval_echo("mlm", results, path, ("mlm_acc", "unigram_acc", "mlm_loss", "masked_tokens", "next_token"))
 
 
@@ -377,6 +508,14 @@ def eval_nsp(
 
     results = nsp_accuracy(FlashLMForPretraining.with_head_from(model, model_dir), stream, length, pairs, seed=seed)
     settings = {"split": split, "seq_len": length, "pairs": pairs, "seed": seed}
-    path = write_result(out, "nsp", results, model=str(model_dir), data=[data / f"{split}.bin"], seed=seed,
-                        settings=settings, scores={"nsp": results["nsp_acc"]})
+    path = write_result(
+        out,
+        "nsp",
+        results,
+        model=str(model_dir),
+        data=[data / f"{split}.bin"],
+        seed=seed,
+        settings=settings,
+        scores={"nsp": results["nsp_acc"]},
+    )
     eval_echo("nsp", results, path, ("nsp_acc", "positive_share", "pairs"))

@@ -24,17 +24,24 @@ def generate(
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
 ) -> None:
     """Generate text from a model, streaming tokens to the terminal."""
-    from flashlm.generate import Sampling, stream
-    from flashlm.generate import generate as generate_batch
+    from flashlm.generation import Sampling, stream
+    from flashlm.generation import generate as generate_batch
     from flashlm.hardware import dtype_of, resolve_precision
     from flashlm.model.transformer import FlashLM
     from flashlm.tokenizer import Tokenizer
 
     model = FlashLM.from_pretrained(model_dir, dtype=dtype_of(resolve_precision(check_precision(precision), "cpu")))
     tokenizer = Tokenizer.load(model_dir)
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
-                        prefix_lm=prefix_lm)
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop or ()),
+        seed=seed,
+        prefix_lm=prefix_lm,
+    )
     if len(prompt) == 1:
         typer.echo(prompt[0], nl=False)
         for piece in stream(model, tokenizer, prompt[0], sampling):
@@ -58,7 +65,7 @@ def plan_command(
     """Memory per GPU of training a model: weights, gradients, AdamW, activations, logits (estimates)."""
     from flashlm.config import get_preset, load_run_config
     from flashlm.errors import ConfigError
-    from flashlm.train.memory import format_plan, memory_plan
+    from flashlm.training.memory import format_plan, memory_plan
 
     if (preset is None) == (config is None):
         raise ConfigError("plan: give exactly one of --preset NAME or --config RECIPE.yaml")
@@ -72,8 +79,9 @@ def explain_command(
     text: Annotated[str, typer.Argument(help="The text to look at.")],
     layer: Annotated[int | None, typer.Option(help="Layer of the attention map; default the mean of layers.")] = None,
     head: Annotated[int | None, typer.Option(help="Head of the attention map; default the mean of heads.")] = None,
-    target: Annotated[str | None, typer.Option(help="Next token to explain (e.g. ' cat'); default the likeliest.")]
-    = None,
+    target: Annotated[
+        str | None, typer.Option(help="Next token to explain (e.g. ' cat'); default the likeliest.")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and explain.json.")] = Path("explain"),
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
@@ -90,7 +98,7 @@ def explain_command(
 
 def fill_mask_command(
     model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
-    text: Annotated[str, typer.Argument(help="Text with one or more <mask>: \"The cat sat on the <mask>.\"")],
+    text: Annotated[str, typer.Argument(help='Text with one or more <mask>: "The cat sat on the <mask>."')],
     top_k: Annotated[int, typer.Option(min=1, help="Candidates per mask.")] = 5,
     next_token: Annotated[bool | None, CONVENTION] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",

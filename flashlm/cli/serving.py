@@ -13,8 +13,9 @@ from flashlm.cli.common import INFERENCE_PRECISION, check_precision, console
 
 def serve(
     model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
-    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes the model to the network.")]
-    = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes the model to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -25,8 +26,9 @@ def serve(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can use the model")
-    run_server(model_dir, host=host, port=port, device=device, log_level=log_level,
-               precision=check_precision(precision))
+    run_server(
+        model_dir, host=host, port=port, device=device, log_level=log_level, precision=check_precision(precision)
+    )
 
 
 def chat(
@@ -42,14 +44,21 @@ def chat(
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
 ) -> None:
     """Chat in the terminal: one message a line ("User: …\\nAssistant:" template); /reset, /exit or EOF."""
-    from flashlm.generate import Sampling
+    from flashlm.generation import Sampling
     from flashlm.serve.engine import Engine, chat_repl
 
     engine = Engine.load(model_dir, device=device, precision=check_precision(precision))
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, seed=seed)
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(f"chatting with {engine.name}; /reset clears the conversation, /exit or Ctrl-D ends it", err=True)
-    chat_repl(engine, sampling, sys.stdin, lambda text: typer.echo(text, nl=False), system=system,
-              interactive=interactive)
+    chat_repl(
+        engine, sampling, sys.stdin, lambda text: typer.echo(text, nl=False), system=system, interactive=interactive
+    )

@@ -11,8 +11,10 @@ from flashlm.cli.common import eval_device
 
 TIMED_STEP_CAP = 10**9  # --minutes without train.steps: the clock alone ends the run
 
-distill_app = typer.Typer(help="Distil a teacher into a smaller student (`flashlm distill --config RECIPE`); "
-                               "`distill cache` stores a teacher's top-k logits once.")
+distill_app = typer.Typer(
+    help="Distil a teacher into a smaller student (`flashlm distill --config RECIPE`); "
+    "`distill cache` stores a teacher's top-k logits once."
+)
 
 
 def _echo_summary(summary: dict) -> None:
@@ -21,23 +23,29 @@ def _echo_summary(summary: dict) -> None:
 
     if int(os.environ.get("RANK", 0)) == 0:
         loss = f"{summary['loss']:.4f}" if summary["loss"] is not None else "-"
-        typer.echo(f"step {summary['step']}: loss {loss}; checkpoint {summary['checkpoint']} "
-                   f"(also {summary['out']}/latest); metrics in {summary['out']}/metrics.jsonl")
+        typer.echo(
+            f"step {summary['step']}: loss {loss}; checkpoint {summary['checkpoint']} "
+            f"(also {summary['out']}/latest); metrics in {summary['out']}/metrics.jsonl"
+        )
 
 
 def train_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="A YAML recipe, e.g. configs/causal.yaml.")],
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a key (repeatable): --set train.data=data/shards.")] = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the latest checkpoint in train.out.")] = False,
-    minutes: Annotated[float | None, typer.Option(
-        help="Train for this many minutes: the lr schedule follows the clock and the run ends with a "
-             "checkpoint (train.steps, when set with --set, stays a cap).")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key (repeatable): --set train.data=data/shards.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in train.out.")] = False,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="Train for this many minutes: the lr schedule follows the clock and the run ends with a "
+            "checkpoint (train.steps, when set with --set, stays a cap)."
+        ),
+    ] = None,
 ) -> None:
     """Pre-train a model (also under torchrun: DDP, or FSDP2 with --set train.distributed=fsdp)."""
     from flashlm.config import load_run_config
-    from flashlm.train import train
+    from flashlm.training import train
 
     settings = list(overrides or [])
     if resume:
@@ -52,17 +60,19 @@ def train_command(
 @distill_app.callback(invoke_without_command=True)
 def distill_command(
     ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="A YAML recipe with a distill: section, e.g. configs/distill-tiny.yaml.")] = None,
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a key (repeatable): --set distill.alpha=0.3.")] = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the latest checkpoint in train.out.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="A YAML recipe with a distill: section, e.g. configs/distill-tiny.yaml."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key (repeatable): --set distill.alpha=0.3.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in train.out.")] = False,
 ) -> None:
     """Train a student with a teacher (online, or from a `distill cache`) in the training loop."""
     from flashlm.config import load_run_config
     from flashlm.errors import ConfigError
-    from flashlm.train import train
+    from flashlm.training import train
 
     if ctx.invoked_subcommand is not None:
         if config is not None:
@@ -73,8 +83,10 @@ def distill_command(
         return
     cfg = load_run_config(config, [*(overrides or []), *(["train.resume=true"] if resume else [])])
     if cfg.distill is None:
-        raise ConfigError(f"distill: {config} has no distill: section; add one with distill.teacher "
-                          "(see configs/distill-tiny.yaml) or use `flashlm train`")
+        raise ConfigError(
+            f"distill: {config} has no distill: section; add one with distill.teacher "
+            "(see configs/distill-tiny.yaml) or use `flashlm train`"
+        )
     _echo_summary(train(cfg))
 
 
@@ -84,22 +96,29 @@ def distill_cache(
     data: Annotated[Path, typer.Argument(help="Token shards from `flashlm data prepare`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the cache (rerun to resume).")],
     top_k: Annotated[int, typer.Option(help="Token ids kept per position.")] = 64,
-    seq_len: Annotated[int | None, typer.Option(
-        help="Teacher window; default its context (at most 2048). Use train.seq_len to match the student.")] = None,
-    stride: Annotated[int | None, typer.Option(
-        help="Window step; default seq-len / 2 (every position keeps >= seq-len / 2 tokens of context).")] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Teacher window; default its context (at most 2048). Use train.seq_len to match the student."
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(help="Window step; default seq-len / 2 (every position keeps >= seq-len / 2 tokens of context)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = 8,
     split: Annotated[str, typer.Option(help="Shard split to cache.")] = "train",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
     """Run the teacher once over the shards and store each position's top-k ids and log-probabilities."""
-    from flashlm.train.distill import cache_teacher
+    from flashlm.training.distill import cache_teacher
 
-    cache = cache_teacher(teacher, data, out, top_k, seq_len, batch_size, split, eval_device(device),
-                          stride=stride)
+    cache = cache_teacher(teacher, data, out, top_k, seq_len, batch_size, split, eval_device(device), stride=stride)
     size = cache.n_positions * cache.bytes_per_token
-    typer.echo(f"cached {cache.n_positions:,} positions (top-{cache.top_k}, window {cache.seq_len}, stride "
-               f"{cache.stride}) in {out}: {cache.bytes_per_token} bytes per token, {size / 1e6:.1f} MB")
+    typer.echo(
+        f"cached {cache.n_positions:,} positions (top-{cache.top_k}, window {cache.seq_len}, stride "
+        f"{cache.stride}) in {out}: {cache.bytes_per_token} bytes per token, {size / 1e6:.1f} MB"
+    )
 
 
 def demo(

@@ -51,9 +51,14 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         """The batch with every tensor (extras included) on `device`."""
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
-        return replace(self, input_ids=move(self.input_ids), targets=move(self.targets),
-                       doc_ids=move(self.doc_ids), prefix_len=move(self.prefix_len),
-                       extras={k: move(v) for k, v in self.extras.items()})
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            targets=move(self.targets),
+            doc_ids=move(self.doc_ids),
+            prefix_len=move(self.prefix_len),
+            extras={k: move(v) for k, v in self.extras.items()},
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -80,8 +85,10 @@ class SpecialTokens:
         missing = [role for role, value in roles.items() if value is None]
         if missing:
             names = ", ".join(f"<{m}>" for m in missing)
-            raise DataError(f"the tokenizer has no {names} token; masked LM and NSP need <pad> <bos> <eos> "
-                            "<mask> <sep> (train one with `flashlm tokenizer train`)")
+            raise DataError(
+                f"the tokenizer has no {names} token; masked LM and NSP need <pad> <bos> <eos> "
+                "<mask> <sep> (train one with `flashlm tokenizer train`)"
+            )
         return cls(**roles, vocab_size=tok.vocab_size, ids=frozenset(tok.special_ids))
 
 
@@ -139,8 +146,10 @@ def random_starts(n_tokens: int, span: int, slot: BatchSlot, stream: int = 0) ->
     """Start offsets of this slot's windows of `span` tokens, drawn uniformly from the stream."""
     high = n_tokens - span + 1
     if high <= 0:
-        raise DataError(f"the token stream has {n_tokens} tokens, fewer than one window of {span}; "
-                        "use more data or a shorter train.seq_len")
+        raise DataError(
+            f"the token stream has {n_tokens} tokens, fewer than one window of {span}; "
+            "use more data or a shorter train.seq_len"
+        )
     starts = step_rng(slot.seed, slot.step, stream).integers(0, high, size=slot.global_rows)
     return starts[slot.rows]
 
@@ -191,14 +200,17 @@ def eval_starts(n_tokens: int, seq_len: int, count: int) -> np.ndarray:
     first is a target exactly once when the whole stream is covered."""
     fit = (n_tokens - 1) // seq_len
     if fit <= 0:
-        raise DataError(f"the validation stream has {n_tokens} tokens, fewer than one window of "
-                        f"{seq_len + 1}; use more validation data or a shorter train.seq_len")
+        raise DataError(
+            f"the validation stream has {n_tokens} tokens, fewer than one window of "
+            f"{seq_len + 1}; use more validation data or a shorter train.seq_len"
+        )
     chosen = np.arange(fit) if count >= fit else np.arange(count) * fit // count
     return chosen.astype(np.int64) * seq_len
 
 
-def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, count: int, rank: int = 0,
-                 world: int = 1, packed: bool = False) -> Iterator[Batch]:
+def eval_batches(
+    stream: TokenStream, seq_len: int, batch_size: int, count: int, rank: int = 0, world: int = 1, packed: bool = False
+) -> Iterator[Batch]:
     """This rank's share of the fixed evaluation windows, in batches of `batch_size` rows.
 
     Every rank yields the same number of batches (FSDP needs matching forwards); rows past the
@@ -223,19 +235,28 @@ def row_rngs(slot: BatchSlot, stream: int) -> list[np.random.Generator]:
 
 def need_specials(stream: TokenStream) -> SpecialTokens:
     if stream.specials is None:
-        raise DataError("masked objectives need the tokenizer's special ids; give the run a tokenizer "
-                        "(train.tokenizer, or a tokenizer.json in the shard directory)")
+        raise DataError(
+            "masked objectives need the tokenizer's special ids; give the run a tokenizer "
+            "(train.tokenizer, or a tokenizer.json in the shard directory)"
+        )
     return stream.specials
 
 
-def mask_rows(windows: np.ndarray, rngs: list[np.random.Generator], masking: Masking,
-              specials: SpecialTokens, next_token: bool, rate: float | None) -> tuple[np.ndarray, np.ndarray]:
+def mask_rows(
+    windows: np.ndarray,
+    rngs: list[np.random.Generator],
+    masking: Masking,
+    specials: SpecialTokens,
+    next_token: bool,
+    rate: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """`masked_lm_example` row by row, each row with its own generator: inputs, targets [B, T]."""
     vocab = specials.vocab_size or int(windows.max()) + 1
     specials_set = set(specials.ids)
-    pairs = [masked_lm_example(row[None], masking, specials.mask, specials_set, vocab, rng,
-                               next_token=next_token, rate=rate)
-             for row, rng in zip(windows, rngs, strict=True)]
+    pairs = [
+        masked_lm_example(row[None], masking, specials.mask, specials_set, vocab, rng, next_token=next_token, rate=rate)
+        for row, rng in zip(windows, rngs, strict=True)
+    ]
     return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
 
@@ -243,8 +264,15 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
 
 
-def mlm_batch(stream: TokenStream, slot: BatchSlot, seq_len: int, masking: Masking, next_token: bool = True,
-              rate: float | None = None, per_document: bool = True) -> Batch:
+def mlm_batch(
+    stream: TokenStream,
+    slot: BatchSlot,
+    seq_len: int,
+    masking: Masking,
+    next_token: bool = True,
+    rate: float | None = None,
+    per_document: bool = True,
+) -> Batch:
     """Masked-LM micro-batch: random windows of seq_len + 1 tokens, corrupted, bidirectional.
 
     Targets hold the original token at masked positions only (IGNORE_INDEX elsewhere): masked
@@ -253,13 +281,21 @@ def mlm_batch(stream: TokenStream, slot: BatchSlot, seq_len: int, masking: Maski
     than its position (the first token after an <eos>) is ignored.
     """
     starts = random_starts(len(stream), seq_len + 1, slot, stream_id("mlm"))
-    return masked_windows(stream, starts, seq_len, row_rngs(slot, stream_id("mlm-mask")), masking,
-                          next_token, rate, per_document)
+    return masked_windows(
+        stream, starts, seq_len, row_rngs(slot, stream_id("mlm-mask")), masking, next_token, rate, per_document
+    )
 
 
-def masked_windows(stream: TokenStream, starts: np.ndarray, seq_len: int, rngs: list[np.random.Generator],
-                   masking: Masking, next_token: bool = True, rate: float | None = None,
-                   per_document: bool = True) -> Batch:
+def masked_windows(
+    stream: TokenStream,
+    starts: np.ndarray,
+    seq_len: int,
+    rngs: list[np.random.Generator],
+    masking: Masking,
+    next_token: bool = True,
+    rate: float | None = None,
+    per_document: bool = True,
+) -> Batch:
     """The windows of seq_len + 1 tokens at `starts`, masked row by row with `rngs` (see `mlm_batch`)."""
     specials = need_specials(stream)
     windows = read_windows(stream.tokens, starts, seq_len + 1)
@@ -286,8 +322,14 @@ def doc_offsets(stream: TokenStream) -> np.ndarray:
     return np.array([0, len(stream)], dtype=np.int64)
 
 
-def nsp_batch(stream: TokenStream, slot: BatchSlot, seq_len: int, masking: Masking | None = None,
-              next_token: bool = True, rate: float | None = None) -> Batch:
+def nsp_batch(
+    stream: TokenStream,
+    slot: BatchSlot,
+    seq_len: int,
+    masking: Masking | None = None,
+    next_token: bool = True,
+    rate: float | None = None,
+) -> Batch:
     """Next-sentence-prediction micro-batch: ``<bos> A <sep> B <eos>`` pairs of seq_len + 1 tokens.
 
     ``extras["nsp_labels"]`` [B] is 1 where B truly follows A; ``extras["pair_ids"]`` holds the pairs
@@ -300,9 +342,15 @@ def nsp_batch(stream: TokenStream, slot: BatchSlot, seq_len: int, masking: Maski
     return nsp_pairs(stream, seq_len, row_rngs(slot, stream_id("nsp")), masking, mask_rngs, next_token, rate)
 
 
-def nsp_pairs(stream: TokenStream, seq_len: int, rngs: list[np.random.Generator],
-              masking: Masking | None = None, mask_rngs: list[np.random.Generator] | None = None,
-              next_token: bool = True, rate: float | None = None) -> Batch:
+def nsp_pairs(
+    stream: TokenStream,
+    seq_len: int,
+    rngs: list[np.random.Generator],
+    masking: Masking | None = None,
+    mask_rngs: list[np.random.Generator] | None = None,
+    next_token: bool = True,
+    rate: float | None = None,
+) -> Batch:
     """One NSP pair per generator in `rngs` (masked with `mask_rngs` when `masking`); see `nsp_batch`."""
     specials = need_specials(stream)
     offsets = doc_offsets(stream)
@@ -312,8 +360,9 @@ def nsp_pairs(stream: TokenStream, seq_len: int, rngs: list[np.random.Generator]
         raise DataError(f"train.seq_len: {seq_len} is too short for <bos> A <sep> B <eos> pairs; use >= 4")
     pairs, labels, lengths = [], [], []
     for rng in rngs:
-        seq, label, n = nsp_pair(stream.tokens, offsets, seq_len + 1, rng, specials.bos, specials.sep,
-                                 specials.eos, specials.pad)
+        seq, label, n = nsp_pair(
+            stream.tokens, offsets, seq_len + 1, rng, specials.bos, specials.sep, specials.eos, specials.pad
+        )
         pairs.append(seq)
         labels.append(label)
         lengths.append(n)
@@ -325,13 +374,22 @@ def nsp_pairs(stream: TokenStream, seq_len: int, rngs: list[np.random.Generator]
         inputs, targets = clean, np.full((len(windows), seq_len), IGNORE_INDEX, dtype=np.int64)
     docs = (np.arange(seq_len)[None] >= np.asarray(lengths)[:, None]).astype(np.int64)
     seps = (clean == specials.sep).argmax(1)
-    return Batch(_tensor(inputs), _tensor(targets), "bidirectional", _tensor(docs),
-                 extras={"nsp_labels": torch.tensor(labels, dtype=torch.int64), "pair_ids": _tensor(clean),
-                         "sep_pos": torch.as_tensor(seps, dtype=torch.int64)})
+    return Batch(
+        _tensor(inputs),
+        _tensor(targets),
+        "bidirectional",
+        _tensor(docs),
+        extras={
+            "nsp_labels": torch.tensor(labels, dtype=torch.int64),
+            "pair_ids": _tensor(clean),
+            "sep_pos": torch.as_tensor(seps, dtype=torch.int64),
+        },
+    )
 
 
-def prefix_lm_batch(stream: TokenStream, slot: BatchSlot, seq_len: int, packed: bool = False,
-                    min_prefix: int = 1) -> Batch:
+def prefix_lm_batch(
+    stream: TokenStream, slot: BatchSlot, seq_len: int, packed: bool = False, min_prefix: int = 1
+) -> Batch:
     """Prefix-LM micro-batch: each window split at a random point p in [min_prefix, seq_len - 1].
 
     Inputs ``[:p]`` attend bidirectionally (``prefix_len = p``), the rest causally; only the targets

@@ -44,8 +44,14 @@ def choose_positions(eligible: np.ndarray, rate: float, max_span: int, rng: np.r
     return chosen
 
 
-def corrupt(tokens: np.ndarray, chosen: np.ndarray, masking: Masking, mask_id: int, ordinary_ids: np.ndarray,
-            rng: np.random.Generator) -> np.ndarray:
+def corrupt(
+    tokens: np.ndarray,
+    chosen: np.ndarray,
+    masking: Masking,
+    mask_id: int,
+    ordinary_ids: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Replace chosen tokens: `mask_prob` by <mask>, `random_prob` by random ordinary tokens, rest kept."""
     out = tokens.copy()
     draw = rng.random(tokens.shape)
@@ -56,9 +62,16 @@ def corrupt(tokens: np.ndarray, chosen: np.ndarray, masking: Masking, mask_id: i
     return out
 
 
-def masked_lm_example(window: np.ndarray, masking: Masking, mask_id: int, special_ids: set[int],
-                      vocab_size: int, rng: np.random.Generator, next_token: bool = True,
-                      rate: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def masked_lm_example(
+    window: np.ndarray,
+    masking: Masking,
+    mask_id: int,
+    special_ids: set[int],
+    vocab_size: int,
+    rng: np.random.Generator,
+    next_token: bool = True,
+    rate: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and targets [B, T] from windows [B, T+1]; targets are IGNORE except at masked tokens.
 
     next_token=True is GPT-BERT's masked *next*-token prediction: a masked token at window position i
@@ -90,8 +103,16 @@ def masking_rate(step: int, total_steps: int, start: float, end: float | None) -
     return start + (end - start) * frac
 
 
-def nsp_pair(tokens: np.ndarray, doc_offsets: np.ndarray, length: int, rng: np.random.Generator,
-             bos_id: int, sep_id: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, int, int]:
+def nsp_pair(
+    tokens: np.ndarray,
+    doc_offsets: np.ndarray,
+    length: int,
+    rng: np.random.Generator,
+    bos_id: int,
+    sep_id: int,
+    eos_id: int,
+    pad_id: int,
+) -> tuple[np.ndarray, int, int]:
     """One `<bos> A <sep> B <eos>` sequence of exactly `length` tokens (right-padded), its label, its length.
 
     A span of a random document is split at a random token into A and the true continuation B.
@@ -107,7 +128,7 @@ def nsp_pair(tokens: np.ndarray, doc_offsets: np.ndarray, length: int, rng: np.r
     span = min(end - start, budget)
     a_start = start + int(rng.integers(0, end - start - span + 1))
     split = int(rng.integers(1, span)) if span >= 2 else 1
-    a = tokens[a_start:a_start + split]
+    a = tokens[a_start : a_start + split]
     b_start, b_len = a_start + split, max(span - split, 1)
     after = max(end - (b_start + b_len), 0)  # tokens of the document after B
     host = _host_document(doc_offsets, doc, b_len + after, rng) if n_docs > 1 else None
@@ -116,15 +137,16 @@ def nsp_pair(tokens: np.ndarray, doc_offsets: np.ndarray, length: int, rng: np.r
         is_next = 0
     if not is_next:
         b_start = int(doc_offsets[host + 1]) - 1 - after - b_len
-    b = tokens[b_start:b_start + b_len]
+    b = tokens[b_start : b_start + b_len]
     seq = np.concatenate([[bos_id], a, [sep_id], b, [eos_id]]).astype(np.int64)
     out = np.full(length, pad_id, dtype=np.int64)
-    out[:len(seq)] = seq
+    out[: len(seq)] = seq
     return out, is_next, len(seq)
 
 
-def _host_document(doc_offsets: np.ndarray, doc: int, need: int, rng: np.random.Generator,
-                   tries: int = 32) -> int | None:
+def _host_document(
+    doc_offsets: np.ndarray, doc: int, need: int, rng: np.random.Generator, tries: int = 32
+) -> int | None:
     """A random document other than `doc` with more than `need` tokens (before its <eos>), or None.
 
     Rejection sampling: uniform over the documents that qualify, and O(1) per pair on average

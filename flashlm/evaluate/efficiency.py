@@ -32,7 +32,7 @@ import torch
 
 from flashlm.config import ModelConfig, replace
 from flashlm.errors import ConfigError
-from flashlm.generate import Sampling, generate_tokens
+from flashlm.generation import Sampling, generate_tokens
 from flashlm.hardware import machine_info
 from flashlm.model.cache import KVCache
 

@@ -140,8 +140,10 @@ def nsp_accuracy(
 
     `model` carries the head (`flashlm.model.heads.FlashLMForPretraining`)."""
     if not hasattr(model, "nsp_logits"):
-        raise TypeError(f"nsp_accuracy needs a model with its NSP head, not a bare {type(model).__name__}: "
-                        "load it with FlashLMForPretraining.from_pretrained (flashlm.model.heads)")
+        raise TypeError(
+            f"nsp_accuracy needs a model with its NSP head, not a bare {type(model).__name__}: "
+            "load it with FlashLMForPretraining.from_pretrained (flashlm.model.heads)"
+        )
     model.eval()
     hits, positives = 0, 0
     for first in range(0, pairs, batch_size):

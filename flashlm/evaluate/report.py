@@ -30,7 +30,7 @@ from flashlm.evaluate.results import (
     versions,
     write_result,
 )
-from flashlm.train.runlog import plot_losses
+from flashlm.training.runlog import plot_losses
 
 
 # ---- plots --------------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise FlashLMError("Hugging Face interop needs `transformers`; install it with "
-                           "`pip install 'transformers>=4.50'`") from None
+        raise FlashLMError(
+            "Hugging Face interop needs `transformers`; install it with `pip install 'transformers>=4.50'`"
+        ) from None
     return transformers
 
 
@@ -88,15 +89,19 @@ def _check_exportable(cfg: ModelConfig) -> None:
             refuse("transformers' Gemma 3 ignores attention soft-capping; set attn_softcap to null")
         return
     if "local" in cfg.layer_types:
-        refuse(f"Llama has no sliding-window layers but layer_pattern is {cfg.layer_pattern!r}; "
-               "use the gemma flavour or layer_pattern: G")
+        refuse(
+            f"Llama has no sliding-window layers but layer_pattern is {cfg.layer_pattern!r}; "
+            "use the gemma flavour or layer_pattern: G"
+        )
     if cfg.qk_norm:
         refuse("Llama has no QK-norm but this model has qk_norm: true")
     if cfg.attn_softcap is not None or cfg.final_softcap is not None:
         refuse("Llama has no logit soft-capping; set attn_softcap and final_softcap to null")
     if float(cfg.query_pre_attn_scalar) != float(cfg.head_dim):
-        refuse(f"Llama scales scores by head_dim**-0.5 but query_pre_attn_scalar is "
-               f"{cfg.query_pre_attn_scalar} (head_dim {cfg.head_dim})")
+        refuse(
+            f"Llama scales scores by head_dim**-0.5 but query_pre_attn_scalar is "
+            f"{cfg.query_pre_attn_scalar} (head_dim {cfg.head_dim})"
+        )
 
 
 def to_hf_config(cfg: ModelConfig, tokenizer: Any = None) -> PretrainedConfig:
@@ -109,30 +114,48 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any = None) -> PretrainedConfig:
     _check_exportable(cfg)
     ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     if tokenizer is not None:
-        ids = {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id,
-               "eos_token_id": tokenizer.eos_id}
+        ids = {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     common: dict[str, Any] = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, **ids,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        **ids,
     )
     if cfg.flavour == "llama":
         rope: dict[str, Any] = (
-            {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base_global}} if _v5()
-            else {"rope_theta": cfg.rope_base_global})
+            {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base_global}}
+            if _v5()
+            else {"rope_theta": cfg.rope_base_global}
+        )
         return tf.LlamaConfig(hidden_act="silu", mlp_bias=False, **rope, **common)
     if _v5():
-        rope = {"rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_base_local},
-            "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_base_global}}}
+        rope = {
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_base_local},
+                "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_base_global},
+            }
+        }
     else:
         rope = {"rope_theta": cfg.rope_base_global, "rope_local_base_freq": cfg.rope_base_local}
     return tf.Gemma3TextConfig(
-        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=int(cfg.query_pre_attn_scalar),
-        sliding_window=cfg.sliding_window, layer_types=[_HF_LAYER_TYPE[t] for t in cfg.layer_types],
-        attn_logit_softcapping=None, final_logit_softcapping=cfg.final_softcap,
-        use_bidirectional_attention=False, **rope, **common,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=int(cfg.query_pre_attn_scalar),
+        sliding_window=cfg.sliding_window,
+        layer_types=[_HF_LAYER_TYPE[t] for t in cfg.layer_types],
+        attn_logit_softcapping=None,
+        final_logit_softcapping=cfg.final_softcap,
+        use_bidirectional_attention=False,
+        **rope,
+        **common,
     )
 
 
@@ -180,8 +203,13 @@ def _write_tokenizer(text: str, tok: Any, out_dir: Path, max_len: int) -> None:
     """Write tokenizer.json and a tokenizer_config.json that `AutoTokenizer` understands."""
     (out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
     token = lambda i: None if i is None else tok.backend.id_to_token(i)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-              "bos_token": token(tok.bos_id), "eos_token": token(tok.eos_id), "pad_token": token(tok.pad_id)}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_len,
+        "bos_token": token(tok.bos_id),
+        "eos_token": token(tok.eos_id),
+        "pad_token": token(tok.pad_id),
+    }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
@@ -242,25 +270,38 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     """The FlashLM config equivalent to a transformers `gemma3_text` or `llama` config."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise FlashLMError(f"cannot import model type {model_type!r}; "
-                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise FlashLMError(f"cannot import model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise FlashLMError("cannot import: the checkpoint has attention/MLP biases, FlashLM has none")
     c = hf_config
-    common = dict(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
-                  n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
-                  head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                  d_ff=c.intermediate_size, max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
-                  tie_embeddings=bool(c.tie_word_embeddings), init_std=c.initializer_range)
+    common = dict(
+        vocab_size=c.vocab_size,
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        d_ff=c.intermediate_size,
+        max_seq_len=c.max_position_embeddings,
+        norm_eps=c.rms_norm_eps,
+        tie_embeddings=bool(c.tie_word_embeddings),
+        init_std=c.initializer_range,
+    )
     if model_type == "llama":
         if c.hidden_act != "silu":
             raise FlashLMError(f"cannot import: Llama activation {c.hidden_act!r} (FlashLM uses silu)")
         theta = _rope_theta(c, "full_attention", "rope_theta", 10_000.0)
-        return ModelConfig(flavour="llama", layer_pattern="G", qk_norm=False, rope_base_local=theta,
-                           rope_base_global=theta, query_pre_attn_scalar=float(common["head_dim"]), **common)
+        return ModelConfig(
+            flavour="llama",
+            layer_pattern="G",
+            qk_norm=False,
+            rope_base_local=theta,
+            rope_base_global=theta,
+            query_pre_attn_scalar=float(common["head_dim"]),
+            **common,
+        )
     if c.hidden_activation not in _GELU_TANH:
-        raise FlashLMError(f"cannot import: Gemma 3 activation {c.hidden_activation!r} "
-                           "(FlashLM uses tanh GELU)")
+        raise FlashLMError(f"cannot import: Gemma 3 activation {c.hidden_activation!r} (FlashLM uses tanh GELU)")
     if getattr(c, "use_bidirectional_attention", False):
         raise FlashLMError("cannot import: use_bidirectional_attention checkpoints are not supported")
     layer_types = list(c.layer_types)
@@ -268,11 +309,16 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     if "sliding_attention" not in layer_types:
         window = min(window or common["max_seq_len"], common["max_seq_len"])
     return ModelConfig(
-        flavour="gemma", layer_pattern=_pattern(layer_types), sliding_window=window, qk_norm=True,
+        flavour="gemma",
+        layer_pattern=_pattern(layer_types),
+        sliding_window=window,
+        qk_norm=True,
         rope_base_local=_rope_theta(c, "sliding_attention", "rope_local_base_freq", 10_000.0),
         rope_base_global=_rope_theta(c, "full_attention", "rope_theta", 1_000_000.0),
-        query_pre_attn_scalar=float(c.query_pre_attn_scalar), attn_softcap=None,
-        final_softcap=c.final_logit_softcapping, **common,
+        query_pre_attn_scalar=float(c.query_pre_attn_scalar),
+        attn_softcap=None,
+        final_softcap=c.final_logit_softcapping,
+        **common,
     )
 
 
@@ -292,8 +338,10 @@ def from_hf_state_dict(hf_config: Any, state: dict[str, torch.Tensor]) -> FlashL
         for mine, theirs in names.items():
             tensor = state[theirs]
             if tuple(tensor.shape) != tuple(ours[mine].shape):
-                raise CheckpointError(f"cannot import: {theirs} has shape {tuple(tensor.shape)}, "
-                                      f"the config implies {tuple(ours[mine].shape)}")
+                raise CheckpointError(
+                    f"cannot import: {theirs} has shape {tuple(tensor.shape)}, "
+                    f"the config implies {tuple(ours[mine].shape)}"
+                )
             ours[mine].copy_(tensor.to(ours[mine].dtype))
     return model.eval()
 
@@ -313,14 +361,16 @@ def import_hf(directory: str | Path) -> FlashLM:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FlashLMError(f"{directory}: unreadable transformers config ({reason})") from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise FlashLMError(f"{directory}: cannot import model type {config.model_type!r}; "
-                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise FlashLMError(
+            f"{directory}: cannot import model type {config.model_type!r}; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     from_hf_config(config)  # refuse unsupported variants before loading any weight
     dtype_key = "dtype" if _v5() else "torch_dtype"
     try:
         hf_model = tf.AutoModelForCausalLM.from_pretrained(
-            directory, config=config, local_files_only=True, trust_remote_code=False,
-            **{dtype_key: torch.float32})
+            directory, config=config, local_files_only=True, trust_remote_code=False, **{dtype_key: torch.float32}
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{directory}: cannot load the weights ({str(exc).splitlines()[0]})") from None
     return from_hf_state_dict(config, hf_model.state_dict())

@@ -45,18 +45,30 @@ def _config_from_header(header: tuple[int, ...], path: Path) -> tuple[ModelConfi
         return CheckpointError(f"{path}: not a llama2.c legacy checkpoint ({msg})")
 
     if header[0] == _V1_MAGIC:
-        raise bad("it is a newer llama2.c export (magic 'ak42'); re-export with llama2.c's legacy format, "
-                  "version 0")
+        raise bad("it is a newer llama2.c export (magic 'ak42'); re-export with llama2.c's legacy format, version 0")
     if min(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len) <= 0:
         raise bad(f"header values must be positive, got {header}")
     if max(dim, hidden, n_heads, n_layers) > 1 << 16 or vocab > 1 << 22 or seq_len > 1 << 24:
         raise bad(f"implausible header {header}")
     if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
         raise bad(f"dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv_heads} do not fit together")
-    cfg = ModelConfig(vocab_size=vocab, d_model=dim, n_layers=n_layers, n_heads=n_heads,
-                      n_kv_heads=n_kv_heads, d_ff=hidden, flavour="llama", layer_pattern="G", qk_norm=False,
-                      tie_embeddings=shared, norm_eps=1e-5, rope_base_local=10_000.0,
-                      rope_base_global=10_000.0, max_seq_len=seq_len, sliding_window=min(128, seq_len))
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        d_model=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        d_ff=hidden,
+        flavour="llama",
+        layer_pattern="G",
+        qk_norm=False,
+        tie_embeddings=shared,
+        norm_eps=1e-5,
+        rope_base_local=10_000.0,
+        rope_base_global=10_000.0,
+        max_seq_len=seq_len,
+        sliding_window=min(128, seq_len),
+    )
     return cfg, shared
 
 
@@ -65,10 +77,21 @@ def _shapes(cfg: ModelConfig, shared: bool) -> list[tuple[str, tuple[int, ...]]]
     d, f, L, V, h = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.n_heads * h, cfg.n_kv_heads * h
     rope = (cfg.max_seq_len, h // 2)
-    shapes = [("tok_embeddings", (V, d)), ("attention_norm", (L, d)), ("wq", (L, q, d)), ("wk", (L, kv, d)),
-              ("wv", (L, kv, d)), ("wo", (L, d, q)), ("ffn_norm", (L, d)), ("w1", (L, f, d)),
-              ("w2", (L, d, f)), ("w3", (L, f, d)), ("norm", (d,)), ("freq_cis_real", rope),
-              ("freq_cis_imag", rope)]
+    shapes = [
+        ("tok_embeddings", (V, d)),
+        ("attention_norm", (L, d)),
+        ("wq", (L, q, d)),
+        ("wk", (L, kv, d)),
+        ("wv", (L, kv, d)),
+        ("wo", (L, d, q)),
+        ("ffn_norm", (L, d)),
+        ("w1", (L, f, d)),
+        ("w2", (L, d, f)),
+        ("w3", (L, f, d)),
+        ("norm", (d,)),
+        ("freq_cis_real", rope),
+        ("freq_cis_imag", rope),
+    ]
     return shapes if shared else [*shapes, ("wcls", (V, d))]
 
 
@@ -86,14 +109,16 @@ def read_llama2c(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     shapes = _shapes(cfg, shared)
     expected = HEADER.size + 4 * sum(int(np.prod(s)) for _, s in shapes)
     if size != expected:
-        hint = ("truncated" if size < expected else "has trailing bytes")
-        raise CheckpointError(f"{path}: the header {header} implies {expected} bytes but the file has {size} "
-                              f"(file {hint} or header damaged)")
+        hint = "truncated" if size < expected else "has trailing bytes"
+        raise CheckpointError(
+            f"{path}: the header {header} implies {expected} bytes but the file has {size} "
+            f"(file {hint} or header damaged)"
+        )
     flat = np.memmap(path, dtype="<f4", mode="r", offset=HEADER.size)
     arrays, offset = {}, 0
     for name, shape in shapes:
         n = int(np.prod(shape))
-        arrays[name] = np.array(flat[offset:offset + n]).reshape(shape)
+        arrays[name] = np.array(flat[offset : offset + n]).reshape(shape)
         offset += n
     del flat
     if not all(np.isfinite(a).all() for a in arrays.values()):
@@ -105,8 +130,7 @@ def interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tens
     """Reorder each head's rows from interleaved RoPE pairs (2i, 2i+1) to rotate-half (i, i + h/2)."""
     out_features, in_features = weight.shape
     head_dim = out_features // n_heads
-    return (weight.reshape(n_heads, head_dim // 2, 2, in_features).transpose(1, 2)
-            .reshape(out_features, in_features))
+    return weight.reshape(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
 def llama2c_to_flashlm(path: str | Path) -> FlashLM:
@@ -118,17 +142,19 @@ def llama2c_to_flashlm(path: str | Path) -> FlashLM:
         state["lm_head.weight"] = t["wcls"]
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        state.update({
-            p + "attn_norm.weight": t["attention_norm"][i],
-            p + "attn.q_proj.weight": interleaved_to_rotate_half(t["wq"][i], cfg.n_heads),
-            p + "attn.k_proj.weight": interleaved_to_rotate_half(t["wk"][i], cfg.n_kv_heads),
-            p + "attn.v_proj.weight": t["wv"][i],
-            p + "attn.o_proj.weight": t["wo"][i],
-            p + "mlp_norm.weight": t["ffn_norm"][i],
-            p + "mlp.gate_proj.weight": t["w1"][i],
-            p + "mlp.down_proj.weight": t["w2"][i],
-            p + "mlp.up_proj.weight": t["w3"][i],
-        })
+        state.update(
+            {
+                p + "attn_norm.weight": t["attention_norm"][i],
+                p + "attn.q_proj.weight": interleaved_to_rotate_half(t["wq"][i], cfg.n_heads),
+                p + "attn.k_proj.weight": interleaved_to_rotate_half(t["wk"][i], cfg.n_kv_heads),
+                p + "attn.v_proj.weight": t["wv"][i],
+                p + "attn.o_proj.weight": t["wo"][i],
+                p + "mlp_norm.weight": t["ffn_norm"][i],
+                p + "mlp.gate_proj.weight": t["w1"][i],
+                p + "mlp.down_proj.weight": t["w2"][i],
+                p + "mlp.up_proj.weight": t["w3"][i],
+            }
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = FlashLM(cfg)
@@ -161,10 +187,10 @@ def _proto_fields(buf: bytes) -> dict[int, list[int | bytes]]:
             value, pos = _varint(buf, pos)
         elif wire == 2:
             length, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
+            value, pos = buf[pos : pos + length], pos + length
         elif wire in (1, 5):
             width = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + width], pos + width
+            value, pos = buf[pos : pos + width], pos + width
         else:
             raise ValueError(f"unsupported wire type {wire}")
         fields.setdefault(number, []).append(value)
@@ -195,18 +221,21 @@ def sentencepiece_to_tokenizer(model_path: str | Path):
         model_type, dummy_prefix, squeeze_spaces = _spm_settings(data)
         sp = spm.SentencePieceProcessor(model_proto=data)
     except (ValueError, RuntimeError, KeyError, IndexError, OSError):
-        raise DataError(f"{path}: not a SentencePiece .model file (llama2.c's tokenizer .bin is not "
-                        "accepted; pass the .model it was exported from)") from None
+        raise DataError(
+            f"{path}: not a SentencePiece .model file (llama2.c's tokenizer .bin is not "
+            "accepted; pass the .model it was exported from)"
+        ) from None
     if model_type != _SPM_BPE:
-        raise DataError(f"{path}: a SentencePiece {_SPM_MODEL_TYPES.get(model_type, model_type)} model; "
-                        "only BPE models are supported")
+        raise DataError(
+            f"{path}: a SentencePiece {_SPM_MODEL_TYPES.get(model_type, model_type)} model; "
+            "only BPE models are supported"
+        )
     n = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(n)]
     vocab = {piece: i for i, piece in enumerate(pieces)}
     scores = [sp.get_score(i) for i in range(n)]
     special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
-    mergeable = [i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)
-                                             or sp.is_unused(i))]
+    mergeable = [i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
     ranked = []
     for i in mergeable:
         piece = pieces[i]
@@ -238,8 +267,10 @@ def import_llama2c(model_path: str | Path, tokenizer_path: str | Path | None, ou
     model = llama2c_to_flashlm(model_path)
     tok = sentencepiece_to_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     if tok is not None and tok.get_vocab_size(with_added_tokens=True) != model.cfg.vocab_size:
-        raise DataError(f"{tokenizer_path}: {tok.get_vocab_size(with_added_tokens=True)} tokens but the "
-                        f"checkpoint's vocabulary has {model.cfg.vocab_size}; pass the matching tokenizer")
+        raise DataError(
+            f"{tokenizer_path}: {tok.get_vocab_size(with_added_tokens=True)} tokens but the "
+            f"checkpoint's vocabulary has {model.cfg.vocab_size}; pass the matching tokenizer"
+        )
     out = Path(out_dir)
     model.save_pretrained(out)
     if tok is not None:

@@ -45,12 +45,10 @@ class MaskSpec:
     @property
     def trivially_causal(self) -> bool:
         """True when plain `is_causal` attention is exact (no docs, prefix, padding or cache)."""
-        return (self.mode == "causal" and self.q_doc is None and self.valid_from is None
-                and self.k_pos is None)
+        return self.mode == "causal" and self.q_doc is None and self.valid_from is None and self.k_pos is None
 
 
-def build_mask(spec: MaskSpec, window: int | None, q_len: int, k_len: int,
-               device: torch.device) -> torch.Tensor:
+def build_mask(spec: MaskSpec, window: int | None, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Boolean mask [B or 1, 1, Tq, Tk]; True where attention is allowed."""
     q = spec.q_pos if spec.q_pos is not None else torch.arange(q_len, device=device)[None]
     k = spec.k_pos if spec.k_pos is not None else torch.arange(k_len, device=device)[None]
@@ -87,7 +85,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.is_local = cfg.layer_types[layer_idx] == "local"
         self.window = cfg.sliding_window if self.is_local else None
-        self.scale = cfg.query_pre_attn_scalar ** -0.5
+        self.scale = cfg.query_pre_attn_scalar**-0.5
         self.softcap = cfg.attn_softcap
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -97,9 +95,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, offset) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | str | None, cache=None,
-                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | str | None,
+        cache=None,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -114,8 +118,15 @@ class Attention(nn.Module):
             out, weights = self._explicit_attention(q, k, v, mask)
         else:
             causal = isinstance(mask, str)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                                 scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if causal else mask,
+                is_causal=causal,
+                scale=self.scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out), weights
 

@@ -18,8 +18,15 @@ class KVCache:
     `pad_left[b]` is the number of left-padding slots of row b (batched prompts of different lengths).
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, pad_left: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        pad_left: torch.Tensor | None = None,
+    ) -> None:
         self.max_len = max_len
         self.seen = 0  # slots written so far
         self.pad_left = pad_left.to(device) if pad_left is not None else None
@@ -45,9 +52,9 @@ class KVCache:
         new_slots = torch.arange(start, start + T, device=k.device)
         window = self.windows[layer]
         if window is None:
-            self.keys[layer][:, :, start:start + T] = k
-            self.values[layer][:, :, start:start + T] = v
-            self.slots[layer][start:start + T] = new_slots
+            self.keys[layer][:, :, start : start + T] = k
+            self.values[layer][:, :, start : start + T] = v
+            self.slots[layer][start : start + T] = new_slots
             end = start + T
             return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
         # ring buffer: attend over the old ring plus the whole new chunk, then keep the last `window`

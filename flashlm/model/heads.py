@@ -4,7 +4,7 @@ The base model carries the transformer and its LM head only. A head is a module 
 
 - `NSPHead`: next-sentence prediction, a [CLS]-style classifier on the first position's final state plus
   the causal LM's `junction_evidence`. The objectives that train NSP (``nsp``, and the hybrid with an
-  ``nsp_weight``) own one (`flashlm.train.objectives`); the loop trains and checkpoints it with the
+  ``nsp_weight``) own one (`flashlm.training.objectives`); the loop trains and checkpoints it with the
   model, and a checkpoint keeps it in ``nsp_head.safetensors`` beside ``model.safetensors``.
 - `FlashLMForPretraining`: a FlashLM with its NSP head, for evaluating NSP on a checkpoint
   (``flashlm eval nsp``); it runs like the FlashLM it wraps.
@@ -82,8 +82,13 @@ class NSPHead(nn.Module):
             self.weight.copy_(weight)
             self.bias.zero_()
 
-    def forward(self, model: nn.Module, hidden: torch.Tensor, pair_ids: torch.Tensor | None = None,
-                sep_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        model: nn.Module,
+        hidden: torch.Tensor,
+        pair_ids: torch.Tensor | None = None,
+        sep_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """NSP logits of `model`'s final hidden states [B, T, d] (`model`: the FlashLM, possibly wrapped
         in DDP or compiled; it runs the junction evidence's causal pass)."""
         logits = F.linear(hidden[:, 0], self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
@@ -186,8 +191,9 @@ class FlashLMForPretraining(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)
 
-    def nsp_logits(self, hidden: torch.Tensor, pair_ids: torch.Tensor | None = None,
-                   sep_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def nsp_logits(
+        self, hidden: torch.Tensor, pair_ids: torch.Tensor | None = None, sep_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.nsp_head(self.model, hidden, pair_ids, sep_pos)
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
@@ -197,8 +203,9 @@ class FlashLMForPretraining(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> FlashLMForPretraining:
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> FlashLMForPretraining:
         """Load a checkpoint with its NSP head (a checkpoint without one gets a fresh head, seed 0)."""
         return cls.with_head_from(FlashLM.from_pretrained(directory, device, dtype), directory)
 

@@ -122,10 +122,17 @@ class FlashLM(nn.Module):
             raise TypeError(f"no initialisation rule for parameter {name} of {type(module).__name__}")
 
     # ---- forward -----------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, mode: str = "causal", prefix_len: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                compute_logits: bool = True, return_hidden_states: bool = False,
-                return_attentions: bool | str = False) -> LMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mode: str = "causal",
+        prefix_len: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        compute_logits: bool = True,
+        return_hidden_states: bool = False,
+        return_attentions: bool | str = False,
+    ) -> LMOutput:
         """Run the model.
 
         input_ids [B, T]; mode "causal" | "bidirectional" | "prefix" (then prefix_len [B] tokens of each
@@ -144,8 +151,10 @@ class FlashLM(nn.Module):
         if self.cfg.flavour == "gemma":
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         x = dropout(x, self.cfg.dropout, self.training)
-        rope = {base: rope_cos_sin(positions, self.cfg.head_dim, base)
-                for base in {self.cfg.rope_base_local, self.cfg.rope_base_global}}
+        rope = {
+            base: rope_cos_sin(positions, self.cfg.head_dim, base)
+            for base in {self.cfg.rope_base_local, self.cfg.rope_base_global}
+        }
         masks = self._masks(spec, cache, T, device)
         hidden_states = [x] if return_hidden_states else None
         attentions = [] if return_attentions else None
@@ -178,8 +187,11 @@ class FlashLM(nn.Module):
 
     def _mask_spec(self, B, T, mode, prefix_len, doc_ids, cache, device):
         if cache is None:
-            positions = (positions_in_documents(doc_ids) if doc_ids is not None
-                         else torch.arange(T, device=device)[None].expand(B, T))
+            positions = (
+                positions_in_documents(doc_ids)
+                if doc_ids is not None
+                else torch.arange(T, device=device)[None].expand(B, T)
+            )
             return MaskSpec(mode=mode, prefix_end=prefix_len, q_doc=doc_ids), positions
         q_pos = torch.arange(cache.seen, cache.seen + T, device=device)[None].expand(B, T)
         pad = cache.pad_left
@@ -236,8 +248,9 @@ class FlashLM(nn.Module):
             raise CheckpointError(f"{path}: unreadable model config ({exc})") from None
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> FlashLM:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> FlashLM:
         """Load a model saved by `save_pretrained` (weights via safetensors only)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -267,7 +280,7 @@ class FlashLM(nn.Module):
 def _drop_head_keys(state: dict[str, Any], prefix: str, *args: Any) -> None:
     """A state dict from before the NSP head left the base model loads: its ``nsp_head.*`` keys are
     dropped (`flashlm.model.heads.FlashLMForPretraining` reads them)."""
-    for key in [k for k in state if k.startswith(prefix) and k[len(prefix):].startswith(HEAD_KEYS)]:
+    for key in [k for k in state if k.startswith(prefix) and k[len(prefix) :].startswith(HEAD_KEYS)]:
         del state[key]
 
 
@@ -276,12 +289,16 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{where}: config and weights disagree (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}); the checkpoint is inconsistent")
+        raise CheckpointError(
+            f"{where}: config and weights disagree (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); the checkpoint is inconsistent"
+        )
     for name, tensor in expected.items():
         if tuple(state[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{where}: config and weights disagree: {name} has shape "
-                                  f"{tuple(state[name].shape)}, the config implies {tuple(tensor.shape)}")
+            raise CheckpointError(
+                f"{where}: config and weights disagree: {name} has shape "
+                f"{tuple(state[name].shape)}, the config implies {tuple(tensor.shape)}"
+            )
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from flashlm.errors import FlashLMError
-from flashlm.generate import Sampling
+from flashlm.generation import Sampling
 from flashlm.serve.engine import CHAT_STOP, Engine, Run, chat_prompt
 
 DEFAULT_HOST = "127.0.0.1"
@@ -72,10 +72,15 @@ class SamplingRequest(BaseModel):
         return stops
 
     def sampling(self, max_tokens: int, extra_stop: tuple[str, ...] = ()) -> Sampling:
-        return Sampling(max_new_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
-                        top_p=self.top_p if self.top_p < 1.0 else None,
-                        repetition_penalty=self.repetition_penalty, stop=(*extra_stop, *(self.stop or ())),
-                        seed=self.seed)
+        return Sampling(
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p if self.top_p < 1.0 else None,
+            repetition_penalty=self.repetition_penalty,
+            stop=(*extra_stop, *(self.stop or ())),
+            seed=self.seed,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -139,23 +144,38 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": engine.name, "object": "model", "created": int(time.time()), "owned_by": "flashlm",
-            "context_length": cfg.max_seq_len, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "flashlm",
+                    "context_length": cfg.max_seq_len,
+                    "n_layers": cfg.n_layers,
+                    "n_heads": cfg.n_heads,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         encoded = [_encode_checked(engine, p, "prompt") for p in prompts]
         sampling = req.sampling(req.max_tokens)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": engine.name}
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": engine.name,
+        }
 
         def choice(index: int, text: str, finish: str | None) -> dict:
             return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
         if req.stream:
+
             def events(cancel: threading.Event) -> Iterator[dict]:
                 runs = []
                 for index, ids in enumerate(encoded):
@@ -176,8 +196,11 @@ def create_app(engine: Engine) -> FastAPI:
             return results
 
         results = await _locked(engine, work)
-        return {**head, "choices": [choice(i, text, run.finish_reason) for i, (text, run) in enumerate(results)],
-                "usage": _usage([run for _, run in results])}
+        return {
+            **head,
+            "choices": [choice(i, text, run.finish_reason) for i, (text, run) in enumerate(results)],
+            "usage": _usage([run for _, run in results]),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -185,8 +208,12 @@ def create_app(engine: Engine) -> FastAPI:
         ids = _encode_checked(engine, prompt, "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens or cfg.max_seq_len
         sampling = req.sampling(max_tokens, extra_stop=(CHAT_STOP,))
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": engine.name}
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": engine.name,
+        }
 
         if req.stream:
             head["object"] = "chat.completion.chunk"
@@ -209,8 +236,11 @@ def create_app(engine: Engine) -> FastAPI:
 
         text, run = await _locked(engine, work)
         message = {"role": "assistant", "content": text}
-        return {**head, "choices": [{"index": 0, "message": message, "finish_reason": run.finish_reason}],
-                "usage": _usage([run])}
+        return {
+            **head,
+            "choices": [{"index": 0, "message": message, "finish_reason": run.finish_reason}],
+            "usage": _usage([run]),
+        }
 
     @app.post("/v1/explain")
     async def explain(req: ExplainRequest):
@@ -219,9 +249,19 @@ def create_app(engine: Engine) -> FastAPI:
         for name, value, limit in (("layer", req.layer, cfg.n_layers), ("head", req.head, cfg.n_heads)):
             if value is not None and value >= limit:
                 raise _bad_request(f"{name} must be below {limit} (the model has {limit} {name}s)", name)
-        return await _locked(engine, lambda: explain_text(
-            engine.model, engine.tokenizer, req.text, layer=req.layer, head=req.head, target=req.target,
-            with_saliency=req.saliency, max_tokens=EXPLAIN_MAX_TOKENS))
+        return await _locked(
+            engine,
+            lambda: explain_text(
+                engine.model,
+                engine.tokenizer,
+                req.text,
+                layer=req.layer,
+                head=req.head,
+                target=req.target,
+                with_saliency=req.saliency,
+                max_tokens=EXPLAIN_MAX_TOKENS,
+            ),
+        )
 
     return app
 
@@ -230,8 +270,14 @@ def load_app(model_dir: str | Path, device: str = "cpu", precision: str = "auto"
     return create_app(Engine.load(model_dir, device=device, precision=precision))
 
 
-def serve(model_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "cpu",
-          log_level: str = "info", precision: str = "auto") -> None:
+def serve(
+    model_dir: str | Path,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    device: str = "cpu",
+    log_level: str = "info",
+    precision: str = "auto",
+) -> None:
     """Load the model and serve it with uvicorn until interrupted (loopback only unless `host` says so)."""
     import sys
 
@@ -257,8 +303,11 @@ def _bad_request(message: str, param: str | None = None) -> _BadRequest:
 def _encode_checked(engine: Engine, text: str, param: str) -> list[int]:
     ids = engine.encode(text)
     if len(ids) >= engine.context:
-        raise _bad_request(f"the {param} is {len(ids)} tokens but the model's context is {engine.context} "
-                           "tokens; shorten it to leave room for the reply", param)
+        raise _bad_request(
+            f"the {param} is {len(ids)} tokens but the model's context is {engine.context} "
+            "tokens; shorten it to leave room for the reply",
+            param,
+        )
     return ids
 
 
@@ -270,6 +319,7 @@ def _usage(runs: list[Run]) -> dict:
 
 async def _locked(engine: Engine, fn: Callable):
     """Run `fn` in a worker thread while holding the model lock (waiting for it there, not in the loop)."""
+
     def locked():
         with engine.lock:
             return fn()
@@ -318,13 +368,13 @@ def _sse(engine: Engine, events: Callable[[threading.Event], Iterator[dict]]) ->
         finally:
             cancel.set()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -340,8 +390,12 @@ def _add_error_handlers(app: FastAPI) -> None:
                 where, message = "body", f"not valid JSON ({err.get('ctx', {}).get('error', message)})"
                 params[-1] = where
             problems.append(f"{where}: {message}")
-        return _error(400, "invalid request: " + "; ".join(dict.fromkeys(problems)), "invalid_request_error",
-                      params[0] if params else None)
+        return _error(
+            400,
+            "invalid request: " + "; ".join(dict.fromkeys(problems)),
+            "invalid_request_error",
+            params[0] if params else None,
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flashlm.generate import Sampling, StopStrings, generate_tokens
+from flashlm.generation import Sampling, StopStrings, generate_tokens
 from flashlm.model.transformer import FlashLM
 
 # A plain-text chat template a base model can follow; generation stops when it starts the next user turn.
@@ -42,8 +42,9 @@ class Engine:
         self.lock = threading.Lock()
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu", name: str | None = None,
-             precision: str = "auto") -> Engine:
+    def load(
+        cls, model_dir: str | Path, device: str = "cpu", name: str | None = None, precision: str = "auto"
+    ) -> Engine:
         """Load a model directory; `precision` as in `flashlm.hardware.resolve_precision` (bf16 weights
         on CUDA and native-bf16 CPUs under "auto"). A run's `latest` link is named after its run."""
         from flashlm.hardware import dtype_of, resolve_precision
@@ -72,8 +73,9 @@ class Engine:
             del messages[turns[0]]
         return messages
 
-    def pieces(self, ids: list[int], sampling: Sampling, run: Run, lstrip: bool = False,
-               cancel: threading.Event | None = None) -> Iterator[str]:
+    def pieces(
+        self, ids: list[int], sampling: Sampling, run: Run, lstrip: bool = False, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
         """Yield the continuation of `ids` piece by piece (the caller holds `lock`).
 
         Stop strings are honoured even across tokens: text that could begin a stop string is held back
@@ -112,8 +114,14 @@ class Engine:
             yield piece
 
 
-def chat_repl(engine: Engine, sampling: Sampling, lines: Iterable[str], write: Callable[[str], None],
-              system: str | None = None, interactive: bool = False) -> list[dict]:
+def chat_repl(
+    engine: Engine,
+    sampling: Sampling,
+    lines: Iterable[str],
+    write: Callable[[str], None],
+    system: str | None = None,
+    interactive: bool = False,
+) -> list[dict]:
     """A terminal chat: one user message a line, the reply streamed to `write`; returns the history.
 
     "/reset" forgets the conversation, "/exit" (or the end of `lines`) ends it. The oldest turns are

@@ -5,6 +5,6 @@
 `finetuned` (the `flashlm eval babi|squad|translate` runners: options → config → run → `<task>.json`)
 and `run_all` (`flashlm eval all`: every task, then the report card).
 
-Layering: these modules import the library (`flashlm.model`, `flashlm.train`, `flashlm.generate`,
+Layering: these modules import the library (`flashlm.model`, `flashlm.training`, `flashlm.generation`,
 `flashlm.evaluate`, ...), which never imports them; `flashlm.cli` imports both.
 """

@@ -59,8 +59,15 @@ def finetune_config(
     clock: str = "wall",
 ) -> Any:
     """The task's FinetuneConfig `base` with the settings given (None: the task's own)."""
-    given = {"precision": precision, "clock": clock, "max_minutes": minutes, "epochs": epochs, "max_steps": max_steps,
-             "batch_size": batch_size, "lr": lr}
+    given = {
+        "precision": precision,
+        "clock": clock,
+        "max_minutes": minutes,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "lr": lr,
+    }
     if minutes is not None and epochs is None:
         given["epochs"] = 10_000.0  # the clock decides
     return dataclasses.replace(base, seed=seed, **{k: v for k, v in given.items() if v is not None})
@@ -115,25 +122,55 @@ def evaluate_babi(
         raise ConfigError(f"--jobs {jobs}: one joint model trains in one process; add --per-task or drop --jobs")
     numbers = babi_task_numbers(tasks)
     shared = parse_groups(groups) if isinstance(groups, str) else tuple(tuple(g) for g in groups)
-    cfg = BabiConfig(tasks=numbers, per_task=per_task, groups=shared, max_sentences=max_sentences, augment=augment,
-                     supporting_facts=supporting_facts, beam=beam, copy_statements=copy_statements,
-                     train_limit=train_limit, test_limit=test_limit, jobs=jobs, threads=threads)
+    cfg = BabiConfig(
+        tasks=numbers,
+        per_task=per_task,
+        groups=shared,
+        max_sentences=max_sentences,
+        augment=augment,
+        supporting_facts=supporting_facts,
+        beam=beam,
+        copy_statements=copy_statements,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        jobs=jobs,
+        threads=threads,
+    )
     (net, tok), cfg = finetune_setup(model, preset, device, threads, cfg)
     ft = finetune_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     directory = find_data(data)
     results = run_babi(directory, cfg, net, tok, save)
-    settings = {"tasks": list(numbers), "per_task": per_task, "groups": [list(g) for g in shared], "jobs": jobs,
-                "max_sentences": max_sentences,
-                "augment": augment, "supporting_facts": supporting_facts, "beam": beam,
-                "copy_statements": copy_statements,
-                "minutes": minutes, "clock": clock, "precision": precision,
-                "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
-                "preset": preset, "threads": threads}
+    settings = {
+        "tasks": list(numbers),
+        "per_task": per_task,
+        "groups": [list(g) for g in shared],
+        "jobs": jobs,
+        "max_sentences": max_sentences,
+        "augment": augment,
+        "supporting_facts": supporting_facts,
+        "beam": beam,
+        "copy_statements": copy_statements,
+        "minutes": minutes,
+        "clock": clock,
+        "precision": precision,
+        "epochs": ft.epochs,
+        "batch_size": ft.batch_size,
+        "lr": ft.lr,
+        "preset": preset,
+        "threads": threads,
+    }
     scores = {f"babi qa{t}": a for t, a in results["accuracy"].items()}
-    path = write_result(out, "babi", results, model=_label(model, preset),
-                        data=[task_file(directory, t, s) for t in numbers for s in ("train", "test")], seed=seed,
-                        settings=settings, scores=scores)
+    path = write_result(
+        out,
+        "babi",
+        results,
+        model=_label(model, preset),
+        data=[task_file(directory, t, s) for t in numbers for s in ("train", "test")],
+        seed=seed,
+        settings=settings,
+        scores=scores,
+    )
     return path, results
 
 
@@ -169,12 +206,27 @@ def evaluate_squad(
     ft = finetune_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     results = run_squad(train, eval_file, cfg, net, tok, save)
-    settings = {"max_len": max_len, "doc_stride": doc_stride, "max_answer_len": max_answer_len,
-                "minutes": minutes, "clock": clock, "precision": precision,
-                "epochs": ft.epochs, "lr": ft.lr, "preset": preset}
-    path = write_result(out, "squad", results, model=_label(model, preset),
-                        data=[train, eval_file], seed=seed, settings=settings,
-                        scores={"squad f1": results["f1"] / 100})
+    settings = {
+        "max_len": max_len,
+        "doc_stride": doc_stride,
+        "max_answer_len": max_answer_len,
+        "minutes": minutes,
+        "clock": clock,
+        "precision": precision,
+        "epochs": ft.epochs,
+        "lr": ft.lr,
+        "preset": preset,
+    }
+    path = write_result(
+        out,
+        "squad",
+        results,
+        model=_label(model, preset),
+        data=[train, eval_file],
+        seed=seed,
+        settings=settings,
+        scores={"squad f1": results["f1"] / 100},
+    )
     return path, results
 
 
@@ -209,17 +261,34 @@ def evaluate_translate(
     on the evaluation pair and write `out/translate.json`."""
     from flashlm.tasks.translate import TranslateConfig, run_translation
 
-    cfg = TranslateConfig(vocab_size=vocab_size, beam=beam, length_penalty=length_penalty,
-                          train_limit=train_limit, eval_limit=eval_limit)
+    cfg = TranslateConfig(
+        vocab_size=vocab_size, beam=beam, length_penalty=length_penalty, train_limit=train_limit, eval_limit=eval_limit
+    )
     (net, tok), cfg = finetune_setup(model, preset, device, threads, cfg)
     ft = finetune_config(cfg.finetune, minutes, epochs, max_steps, batch_size, lr, seed, precision, clock)
     cfg = dataclasses.replace(cfg, finetune=ft)
     results = run_translation(train_src, train_tgt, eval_src, eval_tgt, cfg, net, tok, save)
-    settings = {"beam": beam, "length_penalty": length_penalty, "minutes": minutes, "clock": clock,
-                "precision": precision, "epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr,
-                "preset": preset, "threads": threads}
-    path = write_result(out, "translate", results, model=_label(model, preset),
-                        data=[train_src, train_tgt, eval_src, eval_tgt], seed=seed, settings=settings)
+    settings = {
+        "beam": beam,
+        "length_penalty": length_penalty,
+        "minutes": minutes,
+        "clock": clock,
+        "precision": precision,
+        "epochs": ft.epochs,
+        "batch_size": ft.batch_size,
+        "lr": ft.lr,
+        "preset": preset,
+        "threads": threads,
+    }
+    path = write_result(
+        out,
+        "translate",
+        results,
+        model=_label(model, preset),
+        data=[train_src, train_tgt, eval_src, eval_tgt],
+        seed=seed,
+        settings=settings,
+    )
     return path, results
 
 

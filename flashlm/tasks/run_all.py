@@ -240,8 +240,9 @@ def _run_squad(model_dir, out, quick, minutes, device, extra) -> str | None:
         questions = read_task(data, 1, split, limit if quick else None)
         files[split] = folder / f"qa1_{split}.json"
         _write_text(files[split], json.dumps(squad_from_babi(questions, f"qa1-{split}")))
-    evaluate_squad(files["train"], files["test"], out, model=model_dir, minutes=minutes, threads=extra["threads"],
-                   device=device)
+    evaluate_squad(
+        files["train"], files["test"], out, model=model_dir, minutes=minutes, threads=extra["threads"], device=device
+    )
     return None
 
 

@@ -28,7 +28,7 @@ from flashlm.config import ModelConfig
 from flashlm.errors import DataError
 from flashlm.evaluate.metrics import squad_scores
 from flashlm.model.transformer import FlashLM
-from flashlm.train.finetune import FinetuneConfig, fit, new_model
+from flashlm.training.finetune import FinetuneConfig, fit, new_model
 
 SPAN_HEAD_FILE = "span_head.safetensors"
 DEFAULT_MODEL = ModelConfig(

@@ -1,8 +1,8 @@
 """Translation with a prefix LM: ``<bos> source <sep> target <eos>``, scored by BLEU and chrF.
 
 One byte-level BPE tokenizer is trained on both languages' training text (or the model's own is
-used). Fine-tuning reuses `flashlm.train.finetune`; decoding is greedy (`greedy_decode`) or the batched
-beam search of `flashlm.generate` (`beam_search`). Outputs are decoded back to plain text, so sacrebleu
+used). Fine-tuning reuses `flashlm.training.finetune`; decoding is greedy (`greedy_decode`) or the batched
+beam search of `flashlm.generation` (`beam_search`). Outputs are decoded back to plain text, so sacrebleu
 sees detokenised hypotheses and the raw references. Importing this module registers the `translate`
 report section (`markdown`).
 """
@@ -21,12 +21,11 @@ from flashlm.config import ModelConfig
 from flashlm.errors import DataError
 from flashlm.evaluate.metrics import bleu, chrf
 from flashlm.evaluate.results import SECTIONS, table
-from flashlm.generate import beam_search, greedy_decode
+from flashlm.generation import beam_search, greedy_decode, length_batches
 from flashlm.model.transformer import FlashLM
-from flashlm.train.finetune import (
+from flashlm.training.finetune import (
     FinetuneConfig,
     finetune,
-    length_batches,
     make_example,
     new_model,
     prompt_ids,

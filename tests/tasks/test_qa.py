@@ -27,12 +27,13 @@ from flashlm.tasks.squad import (
     squad_from_babi,
 )
 from flashlm.tokenizer import Tokenizer
-from flashlm.train.finetune import FinetuneConfig, collate_prefix
+from flashlm.training.finetune import FinetuneConfig, collate_prefix
 
 
 def babi_data() -> Path:
     """The real bAbI 1k folder (the tests that need it skip without ../shared/data)."""
     return real_data("babi-en-1k")
+
 
 SNIPPET = """\
 1 Mary moved to the bathroom.
@@ -157,8 +158,12 @@ def test_renaming_keeps_questions_consistent_and_capitals():
     q = parse_babi(SNIPPET.splitlines(), task=1)[1]  # Where is Daniel? hallway
     renaming = {"daniel": "john", "john": "daniel", "hallway": "garden", "garden": "hallway"}
     out = babi.rename(q, renaming)
-    assert out.story == ("Mary moved to the bathroom.", "Daniel went to the garden.",
-                         "John went back to the garden.", "Sandra moved to the hallway.")
+    assert out.story == (
+        "Mary moved to the bathroom.",
+        "Daniel went to the garden.",
+        "John went back to the garden.",
+        "Sandra moved to the hallway.",
+    )
     assert (out.question, out.answer, out.supporting) == ("Where is John?", "garden", q.supporting)
 
 
@@ -205,9 +210,19 @@ def test_augmenting_collate_is_seeded_and_renames(tmp_path):
 
 
 def test_reword_swaps_synonymous_verbs_statement_by_statement():
-    q = Question(2, ("Mary went back to the kitchen.", "John put down the apple there.",
-                     "The box is to the left of the cat.", "Fred left the milk.", "Jeff gave the milk to Bill."),
-                 "Where is the milk?", "kitchen", (1, 3))
+    q = Question(
+        2,
+        (
+            "Mary went back to the kitchen.",
+            "John put down the apple there.",
+            "The box is to the left of the cat.",
+            "Fred left the milk.",
+            "Jeff gave the milk to Bill.",
+        ),
+        "Where is the milk?",
+        "kitchen",
+        (1, 3),
+    )
     rng = np.random.default_rng(0)
     seen: list[set[str]] = [set() for _ in q.story]
     for _ in range(200):
@@ -225,10 +240,16 @@ def test_path_finding_chain_walks_the_route_and_turned_maps_stay_consistent():
     """qa19: the chain restates each supporting fact along the route, so its directions are the answer,
     on every training question as given and under random quarter-turns, mirrors and converses."""
     walk = re.compile(r"^from the (\w+) the (\w+) is (north|east|south|west)\.$")
-    q = Question(19, ("The kitchen is north of the office.", "The office is west of the garden."),
-                 "How do you go from the kitchen to the garden?", "s,e", (0, 1))
+    q = Question(
+        19,
+        ("The kitchen is north of the office.", "The office is west of the garden."),
+        "How do you go from the kitchen to the garden?",
+        "s,e",
+        (0, 1),
+    )
     assert babi.target_text(q, 50, facts=True) == (
-        " from the kitchen the office is south. from the office the garden is east. = s,e")
+        " from the kitchen the office is south. from the office the garden is east. = s,e"
+    )
     rng = np.random.default_rng(0)
     answers = set()
     for q in read_task(babi_data(), 19, "train"):
@@ -250,17 +271,24 @@ def test_positional_chain_walks_from_the_asked_object_and_answers_by_its_relatio
     each as its converse where needed, so "yes" is the answer exactly when the asked relation is on the
     walk: on every training question."""
     walk = re.compile(r"^the (.+?) is (above|below|to the left of|to the right of) the (.+?)\.$")
-    q = Question(17, ("The triangle is above the pink rectangle.", "The blue square is to the left of the triangle."),
-                 "Is the pink rectangle to the right of the blue square?", "yes", (0, 1))
+    q = Question(
+        17,
+        ("The triangle is above the pink rectangle.", "The blue square is to the left of the triangle."),
+        "Is the pink rectangle to the right of the blue square?",
+        "yes",
+        (0, 1),
+    )
     assert babi.target_text(q, 50, facts=True) == (
-        " the pink rectangle is below the triangle. the triangle is to the right of the blue square. = yes")
+        " the pink rectangle is below the triangle. the triangle is to the right of the blue square. = yes"
+    )
     turned_round = 0
     for q in read_task(babi_data(), 17, "train"):
         statements = [q.story[i] for i in q.supporting]
         chain = babi.relation_chain(statements, q.question)
         hops = [walk.match(text).groups() for text in chain]
-        x, relation, y = re.match(r"^Is the (.+?) (above|below|to the left of|to the right of) the (.+?)\?$",
-                                  q.question).groups()
+        x, relation, y = re.match(
+            r"^Is the (.+?) (above|below|to the left of|to the right of) the (.+?)\?$", q.question
+        ).groups()
         assert hops[0][0] == x and hops[-1][2] == y
         assert all(a[2] == b[0] for a, b in zip(hops, hops[1:], strict=False))
         assert (relation in {h[1] for h in hops}) == (q.answer == "yes")

@@ -8,7 +8,7 @@ from corpora import real_data
 
 from flashlm.config import ModelConfig
 from flashlm.tasks.translate import TranslateConfig, read_pairs, run_translation
-from flashlm.train.finetune import FinetuneConfig
+from flashlm.training.finetune import FinetuneConfig
 
 
 def multi30k() -> Path:

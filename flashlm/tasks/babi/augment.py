@@ -17,13 +17,26 @@ from typing import Any
 import numpy as np
 
 from flashlm.tasks.babi.data import PATH_TASK, PATHS, Question, build_examples
-from flashlm.train.finetune import collate_prefix
+from flashlm.training.finetune import collate_prefix
 
 # Interchangeable entities of the bAbI worlds: renaming one consistently keeps a question correct.
 # People are renamed within their gender, so "he" and "she" still point where they did.
 WOMEN = ("mary", "sandra", "julie", "lily", "gertrude", "emily", "winona", "jessica")
-MEN = ("daniel", "john", "fred", "bill", "jeff", "julius", "greg", "brian", "bernhard", "jason", "antoine",
-       "sumit", "yann")
+MEN = (
+    "daniel",
+    "john",
+    "fred",
+    "bill",
+    "jeff",
+    "julius",
+    "greg",
+    "brian",
+    "bernhard",
+    "jason",
+    "antoine",
+    "sumit",
+    "yann",
+)
 PLACES = ("kitchen", "bedroom", "office", "garden", "hallway", "bathroom", "school", "park", "cinema")
 OBJECTS = ("football", "apple", "milk")
 ANIMALS = ("sheep", "cat", "mouse", "wolf", "frog", "lion", "swan", "rhino")  # qa15, qa16
@@ -114,8 +127,9 @@ def turn_map(q: Question, rng: np.random.Generator) -> Question:
             there, direction, base = base, PATHS.opposite(direction), there
         story.append(PATHS.template.format(there, direction, base))
     by_letter = {d[0]: d for d in PATHS.directions}
-    answer = ",".join(PATHS.turned(by_letter[a], turn, mirror)[0] if a in by_letter else a
-                      for a in q.answer.lower().split(","))
+    answer = ",".join(
+        PATHS.turned(by_letter[a], turn, mirror)[0] if a in by_letter else a for a in q.answer.lower().split(",")
+    )
     return Question(q.task, tuple(story), q.question, answer, q.supporting)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flashlm.errors import DataError
-from flashlm.train.finetune import Example, make_example
+from flashlm.training.finetune import Example, make_example
 
 TASKS = tuple(range(1, 21))
 FAILED_BELOW = 0.95  # bAbI convention: a task "fails" under 95% accuracy

@@ -19,7 +19,7 @@ from typing import Any
 from flashlm.config import ModelConfig
 from flashlm.errors import ConfigError
 from flashlm.evaluate.results import SECTIONS, table
-from flashlm.generate import beam_search, greedy_decode, length_batches
+from flashlm.generation import beam_search, greedy_decode, length_batches
 from flashlm.model.transformer import FlashLM
 from flashlm.tasks.babi.augment import augmenting_collate
 from flashlm.tasks.babi.data import (
@@ -34,7 +34,7 @@ from flashlm.tasks.babi.data import (
     source_text,
 )
 from flashlm.tasks.babi.grammar import ChainGrammar, chain_grammar
-from flashlm.train.finetune import FinetuneConfig, finetune, new_model, prompt_ids
+from flashlm.training.finetune import FinetuneConfig, finetune, new_model, prompt_ids
 
 # From scratch over a word-level BPE vocabulary: the long-range recipe (flashlm.tasks.longrange),
 # a local layer with a 6-token window (a sentence: it binds each place to its subject) under a global
@@ -117,8 +117,16 @@ def predict(
             def allowed(source: int, history: list[int], rules: list | None = rules) -> list[int] | None:
                 return rules[source].allowed(history) if rules is not None else None
 
-            found = beam_search(model, [prompts[i] for i in rows], beam, max_new_tokens, tokenizer.eos_id, pad,
-                                length_penalty=0.0, allowed=allowed)
+            found = beam_search(
+                model,
+                [prompts[i] for i in rows],
+                beam,
+                max_new_tokens,
+                tokenizer.eos_id,
+                pad,
+                length_penalty=0.0,
+                allowed=allowed,
+            )
             for i, tokens in zip(rows, found, strict=True):
                 outputs[i] = tokens
     return [tokenizer.decode(out).strip() for out in outputs]
@@ -191,8 +199,10 @@ def run_babi(
         outcomes = [finished[i] for i in range(len(groups))]
     else:
         minutes = cfg.finetune.max_minutes
-        outcomes = [train_and_score(*w, minutes=minutes * len(g) / len(cfg.tasks) if minutes else None)
-                    for w, g in zip(work, groups, strict=True)]
+        outcomes = [
+            train_and_score(*w, minutes=minutes * len(g) / len(cfg.tasks) if minutes else None)
+            for w, g in zip(work, groups, strict=True)
+        ]
     accuracy = {t: a for o in outcomes for t, a in o["accuracy"].items()}
     runs = [o["run"] for o in outcomes]
     return _results(accuracy, runs, outcomes[-1], time.perf_counter() - began)
@@ -227,8 +237,13 @@ def train_and_score(
     if save_path is not None:
         net.save_pretrained(save_path, tok)
     run = {k: v for k, v in summary.items() if k != "history"} | {"tasks": list(group), "budget_minutes": minutes}
-    return {"accuracy": accuracy, "run": run, "history": summary["history"],
-            "parameters": net.num_parameters(), "model_config": net.cfg.to_dict()}
+    return {
+        "accuracy": accuracy,
+        "run": run,
+        "history": summary["history"],
+        "parameters": net.num_parameters(),
+        "model_config": net.cfg.to_dict(),
+    }
 
 
 def task_groups(tasks: Sequence[int], groups: Sequence[Sequence[int]]) -> list[list[int]]:

@@ -204,7 +204,7 @@ class LongRangeConfig:
         )
 
     def finetune_config(self, steps: int, runs: int) -> Any:
-        from flashlm.train.finetune import FinetuneConfig
+        from flashlm.training.finetune import FinetuneConfig
 
         return FinetuneConfig(
             epochs=1.0,
@@ -224,7 +224,7 @@ class LongRangeConfig:
 def train_passkey(pattern: str, cfg: LongRangeConfig, runs: int = 1) -> tuple[Any, dict[str, Any]]:
     """A fresh model with `pattern` trained on passkey items; (model, fit summary)."""
     from flashlm.model.transformer import FlashLM
-    from flashlm.train.finetune import fit
+    from flashlm.training.finetune import fit
 
     vocab = PasskeyVocab()
     torch.manual_seed(cfg.seed)
@@ -238,7 +238,7 @@ def train_passkey(pattern: str, cfg: LongRangeConfig, runs: int = 1) -> tuple[An
 def train_mqar(pattern: str, cfg: LongRangeConfig, runs: int = 1) -> tuple[Any, dict[str, Any]]:
     """A fresh model with `pattern` trained on MQAR items; (model, fit summary)."""
     from flashlm.model.transformer import FlashLM
-    from flashlm.train.finetune import fit
+    from flashlm.training.finetune import fit
 
     torch.manual_seed(cfg.seed + 1)
     model = FlashLM(cfg.model_config(pattern, cfg.mqar_vocab))

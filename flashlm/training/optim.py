@@ -1,0 +1,171 @@
+"""What every FlashLM training loop shares (pre-training's `flashlm.training.loop` and fine-tuning's
+`flashlm.training.finetune.fit`): seeding, AdamW with its parameter groups, the lr schedule, the
+wall-clock budget it can follow, autocast, and the optimizer update (clip, step, schedule, zero).
+
+- **Weight decay** applies to the projection matrices only. Norm gains and biases set scales rather
+  than store features, and decaying the embedding (also the tied LM head) shrinks the rows of rare
+  tokens between their sparse updates; so none of them is decayed.
+- **Precision**: bf16 autocast where it pays (`flashlm.hardware.resolve_precision`), else fp32;
+  parameters and optimizer stay fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flashlm.config import TrainConfig
+from flashlm.hardware import resolve_precision
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- optimizer -----------------------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; never norms, biases or embeddings. Frozen parameters are left out."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, plain = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 and id(param) not in embeddings else plain).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    sharded = {id(p) for g in groups for p in g["params"] if hasattr(p, "full_tensor")}
+    if sharded and len(sharded) < len(decay) + len(plain):  # FSDP model + an objective's unsharded head:
+        groups = [
+            {**g, "params": [p for p in g["params"] if (id(p) in sharded) == side]}  # fused/foreach
+            for g in groups
+            for side in (True, False)
+        ]  # steps never mix DTensors with tensors
+    return [g for g in groups if g["params"]]
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: Any, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (fused on CUDA)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=device.type == "cuda")
+
+
+def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return adamw(model, tcfg.lr, tcfg.weight_decay, tcfg.betas, device)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (no clipping when max_norm <= 0); return the norm before it.
+
+    Under FSDP the model's gradients are sharded (DTensor) and an objective's own parameters (an NSP head)
+    are not: the two norms are taken apart, then combined."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = max_norm if max_norm > 0 else float("inf")
+    sharded = [p.grad for p in params if hasattr(p.grad, "full_tensor")]
+    if not sharded or len(sharded) == len(params):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    plain = [p.grad for p in params if not hasattr(p.grad, "full_tensor")]
+    parts = [torch.nn.utils.get_total_norm(sharded).full_tensor(), torch.nn.utils.get_total_norm(plain)]
+    norm = torch.linalg.vector_norm(torch.stack([n.to(parts[0].device) for n in parts]))
+    coef = min(max_norm / (float(norm) + 1e-6), 1.0)  # as clip_grad_norm_ computes it
+    if coef < 1.0:
+        for grads in (sharded, plain):
+            torch._foreach_mul_(grads, coef)
+    return norm
+
+
+def apply_update(
+    clipped: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, scheduler: Any = None
+) -> torch.Tensor:
+    """The end of every training step: clip `clipped`'s gradients, step the optimizer (and the
+    schedule, when given), drop the gradients. Returns the gradient norm before clipping."""
+    grad_norm = clip_gradients(clipped, grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---- schedule ------------------------------------------------------------------------------------
+def cosine(progress: float, floor: float) -> float:
+    """Half a cosine from 1 (progress 0) down to `floor` (progress 1)."""
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_factor(index: int, tcfg: TrainConfig, clock: float = 0.0) -> float:
+    """Multiplier of the peak lr for optimizer update `index` (0-based): linear warmup, then cosine
+    to min_lr_ratio, or warmup-stable-decay (linear decay over the last decay_fraction of steps).
+
+    `clock` is the share of a wall-clock budget spent (train.minutes): the schedule after warmup
+    follows whichever of the two, steps or time, is further along, so a timed run ends decayed.
+    """
+    if index < tcfg.warmup_steps:
+        return (index + 1) / tcfg.warmup_steps
+    floor = tcfg.min_lr_ratio
+    if tcfg.schedule == "wsd":
+        decay_start = max(tcfg.warmup_steps, tcfg.steps - round(tcfg.decay_fraction * tcfg.steps))
+        progress = (index - decay_start) / max(1, tcfg.steps - decay_start)
+        if clock > 0 and tcfg.decay_fraction > 0:
+            progress = max(progress, (clock - (1.0 - tcfg.decay_fraction)) / tcfg.decay_fraction)
+        if progress < 0:
+            return 1.0
+        return 1.0 - (1.0 - floor) * min(progress, 1.0)
+    progress = min(max((index - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps), clock), 1.0)
+    return cosine(progress, floor)
+
+
+@dataclass
+class Clock:
+    """A run's wall-clock budget (train.minutes): seconds spent, across resumes, and the share of the
+    budget spent at the last `sync`, which the lr schedule follows. Rank 0's clock speaks for every
+    rank, so that all ranks use the same lr and stop at the same step."""
+
+    budget: float  # seconds; 0 means no budget
+    spent_before: float = 0.0  # by the runs this one resumes
+    fraction: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def spent(self) -> float:
+        return self.spent_before + time.perf_counter() - self.started
+
+    def sync(self, env: Any) -> bool:
+        """Update `fraction` (rank 0's reading, `env` a `flashlm.training.distributed.DistEnv`); True once
+        the budget is spent."""
+        if self.budget <= 0:
+            return False
+        value = torch.tensor([self.spent() / self.budget], dtype=torch.float64, device=env.device)
+        if env.enabled:
+            dist.broadcast(value, src=0)
+        self.fraction = min(float(value), 1.0)
+        return self.fraction >= 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, tcfg: TrainConfig, clock: Clock | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda index: lr_factor(index, tcfg, clock.fraction if clock is not None else 0.0)
+    )
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """A factory of autocast contexts: bf16 where `precision` resolves to it on `device` ("auto": on CUDA
+    and on CPUs with native bf16, `flashlm.hardware.resolve_precision`), none for fp32."""
+    if resolve_precision(precision, device) != "bf16":
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
