@@ -39,6 +39,13 @@ def quickstart_commands() -> list[str]:
     return [line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+def api_block() -> str:
+    """The Python code of the README's API block."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- api:begin -->")[1].split("<!-- api:end -->")[0]
+    return block.split("```python\n")[1].split("```")[0]
+
+
 def argv(words: list[str]) -> list[str]:
     """`flashlm ...` runs as `python -m flashlm ...` with this interpreter (the console script's entry point)."""
     return [sys.executable, "-m", "flashlm", *words[1:]] if words[0] == "flashlm" else words
@@ -90,3 +97,8 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     assert (run / "latest" / "tokenizer.json").is_file() and (run / "latest").resolve().parent.name == "checkpoints"
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     assert answer["object"] == "text_completion" and answer["choices"][0]["text"].strip(), answer
+
+    api = subprocess.run([sys.executable, "-c", api_block()], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert api.returncode == 0, api.stderr[-3000:]
+    assert api.stdout.startswith("Once upon a time") and len(api.stdout.split()) > 10, api.stdout
+    assert (tmp_path / "runs" / "api" / "latest" / "model.safetensors").is_file()
