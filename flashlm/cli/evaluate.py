@@ -16,6 +16,12 @@ from flashlm.cli.common import (
     eval_load,
     next_token_convention,
 )
+from flashlm.tasks.babi_config import ALL_TASKS as ALL_BABI_TASKS
+from flashlm.tasks.babi_config import TASK_GROUPS, BabiConfig, format_groups
+from flashlm.tasks.longrange_config import LongRangeConfig
+from flashlm.tasks.squad_config import SquadConfig
+from flashlm.tasks.translate_config import TranslateConfig
+from flashlm.training.finetune_config import FinetuneConfig
 
 eval_app = typer.Typer(
     no_args_is_help=True,
@@ -26,6 +32,11 @@ eval_app = typer.Typer(
 
 def _log(message: str) -> None:
     typer.echo(message, err=True)
+
+
+def _number(value: float) -> str:
+    """A default for help text: 1e+30 as 1e30."""
+    return f"{value:g}".replace("e+", "e")
 
 
 @eval_app.command("ppl")
@@ -134,46 +145,57 @@ def eval_longrange(
     minutes: Annotated[
         float | None,
         typer.Option(help="Training budget in minutes for all the small models together (also capped by --steps)."),
-    ] = 12.0,
+    ] = LongRangeConfig.minutes,
     patterns: Annotated[
         str,
         typer.Option(
             help="Comma-separated layer patterns: 'default' (local/global), 'global' (all-global) or L/G strings."
         ),
     ] = "default,global",
-    layers: Annotated[int, typer.Option(help="Layers of each small model ('default' is LG at 2).")] = 2,
-    d_model: Annotated[int, typer.Option(help="Width of each small model.")] = 64,
-    window: Annotated[int | None, typer.Option(help="Sliding window of the local layers (default 4).")] = None,
+    layers: Annotated[
+        int, typer.Option(help="Layers of each small model ('default' is LG at 2).")
+    ] = LongRangeConfig.n_layers,
+    d_model: Annotated[int, typer.Option(help="Width of each small model.")] = LongRangeConfig.d_model,
+    window: Annotated[
+        int | None,
+        typer.Option(help=f"Sliding window of the local layers (default {LongRangeConfig.sliding_window})."),
+    ] = None,
     rope_base_global: Annotated[
         float | None,
-        typer.Option(help="RoPE base of the global layers (default 1e30, i.e. almost NoPE; models default to 1e6)."),
+        typer.Option(
+            help=f"RoPE base of the global layers (default {_number(LongRangeConfig.rope_base_global)}, "
+            "i.e. almost NoPE; models default to 1e6)."
+        ),
     ] = None,
-    train_len: Annotated[int, typer.Option(help="Longest passkey training row; scored up to 4x this.")] = 256,
+    train_len: Annotated[
+        int, typer.Option(help="Longest passkey training row; scored up to 4x this.")
+    ] = LongRangeConfig.train_len,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps per model (default: the task's).")] = None,
-    samples: Annotated[int, typer.Option(help="Passkey items per (length, depth) cell.")] = 10,
-    seed: Annotated[int, typer.Option(help="Seed for data and models.")] = 0,
-    threads: Annotated[int, typer.Option(help="CPU threads for torch (1: best for these tiny models).")] = 1,
+    samples: Annotated[
+        int, typer.Option(help="Passkey items per (length, depth) cell.")
+    ] = LongRangeConfig.passkey_samples,
+    seed: Annotated[int, typer.Option(help="Seed for data and models.")] = LongRangeConfig.seed,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads for torch (1: best for these tiny models).")
+    ] = LongRangeConfig.threads,
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
 ) -> None:
     """Passkey retrieval and MQAR on small models trained here, local/global vs all-global; KV bytes."""
-    from flashlm.tasks.longrange import LongRangeConfig, write_longrange
+    from flashlm.tasks.longrange import write_longrange
 
-    changes = {
-        "threads": threads,
-        "n_layers": layers,
-        "d_model": d_model,
-        "train_len": train_len,
-        "passkey_samples": samples,
-        "seed": seed,
-        "minutes": minutes,
-    }
-    if window is not None:
-        changes["sliding_window"] = window
-    if rope_base_global is not None:
-        changes["rope_base_global"] = rope_base_global
-    if steps is not None:
-        changes.update(passkey_steps=steps, mqar_steps=steps)
-    cfg = LongRangeConfig.from_names(patterns.split(","), **changes)
+    cfg = LongRangeConfig.from_options(
+        patterns,
+        steps=steps,
+        threads=threads,
+        n_layers=layers,
+        d_model=d_model,
+        train_len=train_len,
+        passkey_samples=samples,
+        seed=seed,
+        minutes=minutes,
+        sliding_window=window,
+        rope_base_global=rope_base_global,
+    )
     path, results = write_longrange(out, cfg, log=_log)
     for row in results["summary"]:
         typer.echo("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -247,8 +269,10 @@ def eval_babi(
     model: ModelOpt = None,
     preset: PresetOpt = None,
     data: Annotated[Path | None, typer.Option(help="bAbI directory (default: $FLASHLM_BABI).")] = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated task numbers.")] = "1-20",
-    per_task: Annotated[bool, typer.Option(help="One model per task instead of one joint model.")] = False,
+    tasks: Annotated[str, typer.Option(help="Comma-separated task numbers.")] = ALL_BABI_TASKS,
+    per_task: Annotated[
+        bool, typer.Option(help="One model per task instead of one joint model.")
+    ] = BabiConfig.per_task,
     jobs: Annotated[
         int,
         typer.Option(
@@ -256,7 +280,7 @@ def eval_babi(
             help="With --per-task: tasks trained side by side, one process each "
             "(threads shared out; 2 on 2 cores), quick tasks first (babi.SCHEDULE).",
         ),
-    ] = 1,
+    ] = BabiConfig.jobs,
     groups: Annotated[
         str,
         typer.Option(
@@ -264,11 +288,13 @@ def eval_babi(
             help="With --per-task: tasks that share one model, e.g. '2,3' (the default) or '2,3;7,8'; "
             "'none' for a model per task.",
         ),
-    ] = "2,3",
-    max_sentences: Annotated[int, typer.Option(help="Story statements kept before each question.")] = 50,
+    ] = format_groups(TASK_GROUPS),
+    max_sentences: Annotated[
+        int, typer.Option(help="Story statements kept before each question.")
+    ] = BabiConfig.max_sentences,
     augment: Annotated[
         bool, typer.Option(help="Rename entities, reword verbs (and turn qa19's compass) at random at every step.")
-    ] = True,
+    ] = BabiConfig.augment,
     supporting_facts: Annotated[
         bool,
         typer.Option(
@@ -276,8 +302,8 @@ def eval_babi(
             help="Train the model to write the supporting statements bAbI marks, then '= answer' (strong "
             "supervision; only the answer is scored), or the answer alone.",
         ),
-    ] = True,
-    beam: Annotated[int, typer.Option(min=1, help="Beam search rows when answering (1: greedy).")] = 4,
+    ] = BabiConfig.supporting_facts,
+    beam: Annotated[int, typer.Option(min=1, help="Beam search rows when answering (1: greedy).")] = BabiConfig.beam,
     copy_statements: Annotated[
         bool,
         typer.Option(
@@ -285,7 +311,7 @@ def eval_babi(
             help="With --supporting-facts: the written chain may only cite statements of the story, whole "
             "(constrained beam search), or any text.",
         ),
-    ] = True,
+    ] = BabiConfig.copy_statements,
     minutes: MinutesOpt = None,
     epochs: EpochsOpt = None,
     max_steps: StepsOpt = None,
@@ -293,9 +319,9 @@ def eval_babi(
     lr: LrOpt = None,
     train_limit: Annotated[int | None, typer.Option(help="Training questions per task (subset).")] = None,
     test_limit: Annotated[int | None, typer.Option(help="Test questions per task (subset).")] = None,
-    precision: PrecisionOpt = "auto",
-    clock: ClockOpt = "wall",
-    seed: SeedOpt = 0,
+    precision: PrecisionOpt = FinetuneConfig.precision,
+    clock: ClockOpt = FinetuneConfig.clock,
+    seed: SeedOpt = FinetuneConfig.seed,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     out: OutOpt = Path("results"),
@@ -341,17 +367,19 @@ def eval_squad(
     eval_file: Annotated[Path, typer.Option("--eval", help="SQuAD v1.1 JSON evaluation file.")],
     model: ModelOpt = None,
     preset: PresetOpt = None,
-    max_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 256,
-    doc_stride: Annotated[int, typer.Option(help="Context tokens shared by neighbouring windows.")] = 64,
-    max_answer_len: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 30,
+    max_len: Annotated[int, typer.Option(help="Window length in tokens.")] = SquadConfig.max_len,
+    doc_stride: Annotated[
+        int, typer.Option(help="Context tokens shared by neighbouring windows.")
+    ] = SquadConfig.doc_stride,
+    max_answer_len: Annotated[int, typer.Option(help="Longest answer in tokens.")] = SquadConfig.max_answer_len,
     minutes: MinutesOpt = None,
     epochs: EpochsOpt = None,
     max_steps: StepsOpt = None,
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
-    precision: PrecisionOpt = "auto",
-    clock: ClockOpt = "wall",
-    seed: SeedOpt = 0,
+    precision: PrecisionOpt = FinetuneConfig.precision,
+    clock: ClockOpt = FinetuneConfig.clock,
+    seed: SeedOpt = FinetuneConfig.seed,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     out: OutOpt = Path("results"),
@@ -392,9 +420,13 @@ def eval_translate(
     eval_tgt: Annotated[Path, typer.Option(help="Evaluation references.")],
     model: ModelOpt = None,
     preset: PresetOpt = None,
-    beam: Annotated[int, typer.Option(help="Beam size (1: greedy).")] = 1,
-    length_penalty: Annotated[float, typer.Option(help="Beam ranking: log p / length ** this.")] = 1.0,
-    vocab_size: Annotated[int, typer.Option(help="Shared BPE vocabulary of a fresh model.")] = 8000,
+    beam: Annotated[int, typer.Option(help="Beam size (1: greedy).")] = TranslateConfig.beam,
+    length_penalty: Annotated[
+        float, typer.Option(help="Beam ranking: log p / length ** this.")
+    ] = TranslateConfig.length_penalty,
+    vocab_size: Annotated[
+        int, typer.Option(help="Shared BPE vocabulary of a fresh model.")
+    ] = TranslateConfig.vocab_size,
     minutes: MinutesOpt = None,
     epochs: EpochsOpt = None,
     max_steps: StepsOpt = None,
@@ -402,9 +434,9 @@ def eval_translate(
     lr: LrOpt = None,
     train_limit: Annotated[int | None, typer.Option(help="Use only the first N training pairs.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Use only the first N evaluation pairs.")] = None,
-    precision: PrecisionOpt = "auto",
-    clock: ClockOpt = "wall",
-    seed: SeedOpt = 0,
+    precision: PrecisionOpt = FinetuneConfig.precision,
+    clock: ClockOpt = FinetuneConfig.clock,
+    seed: SeedOpt = FinetuneConfig.seed,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     out: OutOpt = Path("results"),

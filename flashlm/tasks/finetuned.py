@@ -17,8 +17,11 @@ from typing import Any
 
 from flashlm.errors import ConfigError
 from flashlm.evaluate.results import write_result
-
-ALL_BABI_TASKS = "1-20"
+from flashlm.tasks.babi_config import ALL_TASKS as ALL_BABI_TASKS
+from flashlm.tasks.babi_config import TASK_GROUPS, BabiConfig, format_groups
+from flashlm.tasks.squad_config import SquadConfig
+from flashlm.tasks.translate_config import TranslateConfig
+from flashlm.training.finetune_config import FinetuneConfig
 
 
 def resolve_device(device: str) -> str:
@@ -55,8 +58,8 @@ def finetune_config(
     batch_size: int | None,
     lr: float | None,
     seed: int,
-    precision: str = "auto",
-    clock: str = "wall",
+    precision: str = FinetuneConfig.precision,
+    clock: str = FinetuneConfig.clock,
 ) -> Any:
     """The task's FinetuneConfig `base` with the settings given (None: the task's own)."""
     given = {
@@ -92,14 +95,14 @@ def evaluate_babi(
     preset: str | None = None,
     data: str | os.PathLike | None = None,
     tasks: str | Sequence[int] = ALL_BABI_TASKS,
-    per_task: bool = False,
-    jobs: int = 1,
-    groups: str | Sequence[Sequence[int]] = "2,3",
-    max_sentences: int = 50,
-    augment: bool = True,
-    supporting_facts: bool = True,
-    beam: int = 4,
-    copy_statements: bool = True,
+    per_task: bool = BabiConfig.per_task,
+    jobs: int = BabiConfig.jobs,
+    groups: str | Sequence[Sequence[int]] = format_groups(TASK_GROUPS),
+    max_sentences: int = BabiConfig.max_sentences,
+    augment: bool = BabiConfig.augment,
+    supporting_facts: bool = BabiConfig.supporting_facts,
+    beam: int = BabiConfig.beam,
+    copy_statements: bool = BabiConfig.copy_statements,
     minutes: float | None = None,
     epochs: float | None = None,
     max_steps: int | None = None,
@@ -107,16 +110,16 @@ def evaluate_babi(
     lr: float | None = None,
     train_limit: int | None = None,
     test_limit: int | None = None,
-    precision: str = "auto",
-    clock: str = "wall",
-    seed: int = 0,
+    precision: str = FinetuneConfig.precision,
+    clock: str = FinetuneConfig.clock,
+    seed: int = FinetuneConfig.seed,
     threads: int | None = None,
     device: str = "auto",
     save: str | os.PathLike | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Fine-tune on the bAbI 1k training sets (`run_babi`) and write `out/babi.json`; `data` defaults to
     $FLASHLM_BABI (`find_data`), `tasks` to all 20, `groups` ("2,3;7,8" or "none") applies with `per_task`."""
-    from flashlm.tasks.babi import BabiConfig, find_data, parse_groups, run_babi, task_file
+    from flashlm.tasks.babi import find_data, parse_groups, run_babi, task_file
 
     if jobs > 1 and not per_task:
         raise ConfigError(f"--jobs {jobs}: one joint model trains in one process; add --per-task or drop --jobs")
@@ -182,24 +185,24 @@ def evaluate_squad(
     *,
     model: str | os.PathLike | None = None,
     preset: str | None = None,
-    max_len: int = 256,
-    doc_stride: int = 64,
-    max_answer_len: int = 30,
+    max_len: int = SquadConfig.max_len,
+    doc_stride: int = SquadConfig.doc_stride,
+    max_answer_len: int = SquadConfig.max_answer_len,
     minutes: float | None = None,
     epochs: float | None = None,
     max_steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
-    precision: str = "auto",
-    clock: str = "wall",
-    seed: int = 0,
+    precision: str = FinetuneConfig.precision,
+    clock: str = FinetuneConfig.clock,
+    seed: int = FinetuneConfig.seed,
     threads: int | None = None,
     device: str = "auto",
     save: str | os.PathLike | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Fine-tune a span head on a SQuAD-format file (`run_squad`), score EM/F1 on `eval_file` and
     write `out/squad.json`."""
-    from flashlm.tasks.squad import SquadConfig, run_squad
+    from flashlm.tasks.squad import run_squad
 
     cfg = SquadConfig(max_len=max_len, doc_stride=doc_stride, max_answer_len=max_answer_len)
     (net, tok), cfg = finetune_setup(model, preset, device, threads, cfg)
@@ -240,9 +243,9 @@ def evaluate_translate(
     *,
     model: str | os.PathLike | None = None,
     preset: str | None = None,
-    beam: int = 1,
-    length_penalty: float = 1.0,
-    vocab_size: int = 8000,
+    beam: int = TranslateConfig.beam,
+    length_penalty: float = TranslateConfig.length_penalty,
+    vocab_size: int = TranslateConfig.vocab_size,
     minutes: float | None = None,
     epochs: float | None = None,
     max_steps: int | None = None,
@@ -250,16 +253,16 @@ def evaluate_translate(
     lr: float | None = None,
     train_limit: int | None = None,
     eval_limit: int | None = None,
-    precision: str = "auto",
-    clock: str = "wall",
-    seed: int = 0,
+    precision: str = FinetuneConfig.precision,
+    clock: str = FinetuneConfig.clock,
+    seed: int = FinetuneConfig.seed,
     threads: int | None = None,
     device: str = "auto",
     save: str | os.PathLike | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Fine-tune a prefix-LM translator on line-aligned files (`run_translation`), score BLEU and chrF
     on the evaluation pair and write `out/translate.json`."""
-    from flashlm.tasks.translate import TranslateConfig, run_translation
+    from flashlm.tasks.translate import run_translation
 
     cfg = TranslateConfig(
         vocab_size=vocab_size, beam=beam, length_penalty=length_penalty, train_limit=train_limit, eval_limit=eval_limit

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashlm.config import ModelConfig
 from flashlm.errors import DataError
 from flashlm.evaluate.metrics import squad_scores
 from flashlm.model.transformer import FlashLM
-from flashlm.training.finetune import FinetuneConfig, fit, new_model
+from flashlm.tasks.squad_config import DEFAULT_MODEL, SquadConfig
+from flashlm.training.finetune import fit, new_model
 
 SPAN_HEAD_FILE = "span_head.safetensors"
-DEFAULT_MODEL = ModelConfig(
-    vocab_size=4096,
-    d_model=128,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=384,
-    layer_pattern="LLLG",
-    sliding_window=64,
-    max_seq_len=256,
-)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -273,23 +262,6 @@ def predict(
 
 
 # ---- the task -----------------------------------------------------------------------------------
-@dataclass
-class SquadConfig:
-    """Windowing, decoding and training settings of `run_squad`."""
-
-    max_len: int = 256
-    doc_stride: int = 64
-    max_question: int = 64
-    max_answer_len: int = 30
-    vocab_size: int = 4096
-    model: ModelConfig | str = field(default_factory=lambda: DEFAULT_MODEL)
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=2, batch_size=16, lr=1e-3))
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    eval_batch_size: int = 32
-    device: str = "cpu"  # where a fresh model is built
-
-
 def run_squad(
     train_file: str | os.PathLike,
     eval_file: str | os.PathLike,
@@ -331,6 +303,7 @@ def run_squad(
 
 
 __all__ = [
+    "DEFAULT_MODEL",
     "SpanQA",
     "SquadConfig",
     "SquadItem",

@@ -13,54 +13,21 @@ import gzip
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashlm.config import ModelConfig
 from flashlm.errors import DataError
 from flashlm.evaluate.metrics import bleu, chrf
 from flashlm.evaluate.results import SECTIONS, table
 from flashlm.generation import beam_search, greedy_decode, length_batches
 from flashlm.model.transformer import FlashLM
+from flashlm.tasks.translate_config import DEFAULT_MODEL, TranslateConfig
 from flashlm.training.finetune import (
-    FinetuneConfig,
     finetune,
     make_example,
     new_model,
     prompt_ids,
 )
-
-DEFAULT_MODEL = ModelConfig(
-    vocab_size=8192,
-    d_model=256,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=4,
-    d_ff=768,
-    layer_pattern="G",
-    max_seq_len=160,
-)
-
-
-@dataclass
-class TranslateConfig:
-    """Model, training and decoding settings of `run_translation`."""
-
-    vocab_size: int = 8000
-    model: ModelConfig | str = field(default_factory=lambda: DEFAULT_MODEL)
-    finetune: FinetuneConfig = field(
-        default_factory=lambda: FinetuneConfig(
-            epochs=10, batch_size=64, lr=2e-3, warmup_steps=200, bucket=32, label_smoothing=0.1
-        )
-    )
-    beam: int = 1
-    length_penalty: float = 1.0
-    max_new_tokens: int = 80
-    eval_batch_size: int = 64
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    device: str = "cpu"  # where a fresh model is built
 
 
 # ---- data ---------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from torch import nn
 
 from flashlm.config import ModelConfig, get_preset, replace
 from flashlm.data.batches import IGNORE_INDEX, Batch
-from flashlm.errors import ConfigError
 from flashlm.model.transformer import FlashLM
+from flashlm.training.finetune_config import FinetuneConfig
 from flashlm.training.objectives import prefix_lm_loss
 from flashlm.training.optim import adamw, apply_update, autocast_for, cosine, seed_everything, set_lr
 from flashlm.training.progress import progress_bar
@@ -44,48 +44,6 @@ class Example(NamedTuple):
 
     ids: list[int]
     prefix_len: int  # len(bos + source + sep): the bidirectional part
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of a fine-tuning run. The run stops at whichever budget ends first."""
-
-    epochs: float = 1.0
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    clock: str = "wall"  # what max_minutes counts: "wall" time or this process's "cpu" time (all threads)
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.0  # prefix-LM loss only
-    precision: str = "auto"  # auto (bf16 on CUDA and native-bf16 CPUs, else fp32; flashlm.hardware) | fp32 | bf16
-    seed: int = 0
-    bucket: int = 32  # sort by length inside groups of this many batches (0 or 1: plain shuffle)
-    log_every: int = 20
-    stop_loss: float | None = None  # stop early once `stop_windows` logged losses in a row are below it
-    stop_windows: int = 5
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Raise `ConfigError` naming the first bad setting."""
-        checks = [
-            (self.batch_size > 0, "batch_size", "must be positive"),
-            (self.lr > 0, "lr", "must be positive"),
-            (self.epochs > 0, "epochs", "must be positive"),
-            (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be positive"),
-            (self.max_steps is None or self.max_steps >= 0, "max_steps", "must be >= 0"),
-            (self.clock in ("wall", "cpu"), "clock", "must be wall or cpu"),
-            (self.stop_loss is None or self.stop_loss > 0, "stop_loss", "must be positive"),
-            (self.stop_windows > 0, "stop_windows", "must be positive"),
-            (self.precision in ("fp32", "bf16", "auto"), "precision", "must be fp32, bf16 or auto"),
-        ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ConfigError(f"finetune.{key}: {msg}, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True)

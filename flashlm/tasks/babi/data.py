@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from flashlm.errors import DataError
+from flashlm.tasks.babi_config import TASKS
 from flashlm.training.finetune import Example, make_example
 
-TASKS = tuple(range(1, 21))
 FAILED_BELOW = 0.95  # bAbI convention: a task "fails" under 95% accuracy
 DATA_SUBDIR = "shared/data/babi-en-1k"
 ANSWER_MARK = "="  # with supporting facts: the answer follows it
