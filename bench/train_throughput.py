@@ -10,7 +10,7 @@ embeddings; batch 16 x 256 tokens. One step = forward + causal-LM cross-entropy 
 Every model sees the same random token batches. The models are timed round-robin (each round: a fp32
 matmul peak probe, then N steps of each model), so that load changes on a shared machine hit all of them
 alike; the figures are medians of the per-round tokens/s. MFU = achieved training FLOP/s / the measured
-matmul peak, with training FLOPs per token from `flashlm.evaluate.efficiency.flops_per_token` (3 x forward:
+matmul peak, with training FLOPs per token from `flashlm.model.flops.flops_per_token` (3 x forward:
 2 x matmul weights incl. the LM head, plus QK^T and AV).
 
     .venv/bin/python bench/train_throughput.py                    # the recorded run (~3 min on 2 idle CPUs)
@@ -50,7 +50,20 @@ LABELS = {
     "llama": "FlashLM llama",
     "hf_eager": "HF LlamaForCausalLM, eager",
     "hf_compiled": "HF LlamaForCausalLM, torch.compile",
+    "gemma_compiled": "FlashLM gemma, torch.compile (`train.compile`)",
+    "llama_compiled": "FlashLM llama, torch.compile (`train.compile`)",
 }
+COMPILED = ("gemma_compiled", "llama_compiled", "hf_compiled")
+
+
+def base_name(name: str) -> str:
+    """The model a row runs: "gemma_compiled" -> "gemma"."""
+    return name.removesuffix("_compiled")
+
+
+def flavour_of(name: str) -> str:
+    """The FlashLM flavour whose FLOP count a row uses (HF rows: llama, the same matmuls)."""
+    return base_name(name) if base_name(name) in ("gemma", "llama") else "llama"
 
 
 def log(message: str) -> None:
@@ -92,11 +105,12 @@ def build_models(names: list[str]) -> dict[str, dict[str, Any]]:
     models: dict[str, dict[str, Any]] = {}
     for name in names:
         torch.manual_seed(0)
-        if name in ("gemma", "llama"):
-            module = FlashLM(flashlm_config(name)).train()
+        if base_name(name) in ("gemma", "llama"):
+            module = FlashLM(flashlm_config(base_name(name))).train()
+            runner = torch.compile(module) if name in COMPILED else module
 
-            def forward(ids: Any, module: Any = module) -> Any:
-                return module(ids).logits
+            def forward(ids: Any, runner: Any = runner) -> Any:
+                return runner(ids).logits
         else:
             from transformers import LlamaForCausalLM
 
@@ -128,17 +142,13 @@ def train_step(model: dict[str, Any], ids: Any) -> float:
 
 
 def matmul_peak(n: int = PEAK_N, reps: int = PEAK_REPS) -> float:
-    """Median GFLOP/s of an n x n fp32 matmul (after one warm-up)."""
+    """Median GFLOP/s of an n x n fp32 matmul on the CPU (after one warm-up): `flashlm.hardware`'s probe,
+    the one training runs use for MFU."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    rates = []
-    for _ in range(reps):
-        began = time.perf_counter()
-        torch.mm(a, b)
-        rates.append(2 * n**3 / (time.perf_counter() - began) / 1e9)
-    return statistics.median(rates)
+    from flashlm.hardware import matmul_peak_flops
+
+    return matmul_peak_flops("cpu", torch.float32, n, reps) / 1e9
 
 
 def profile_steps(models: dict[str, dict[str, Any]], batch: Any) -> dict[str, dict[str, float]]:
@@ -148,7 +158,7 @@ def profile_steps(models: dict[str, dict[str, Any]], batch: Any) -> dict[str, di
 
     split: dict[str, dict[str, float]] = {}
     for name, model in models.items():
-        if name == "hf_compiled":
+        if name in COMPILED:
             continue
         train_step(model, batch)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -173,13 +183,13 @@ def run(rounds: int, steps: int, warmup: int, threads: int, compile_hf: bool) ->
     import torch
     import transformers
 
-    from flashlm.evaluate.efficiency import flops_per_token
     from flashlm.hardware import machine_info
+    from flashlm.model.flops import flops_per_token
 
     torch.set_num_threads(threads)
     load_before = list(os.getloadavg())
     started = time.perf_counter()
-    names = ["gemma", "llama", "hf_eager"] + (["hf_compiled"] if compile_hf else [])
+    names = ["gemma", "llama", "hf_eager"] + (list(COMPILED) if compile_hf else [])
     models = build_models(names)
     gen = torch.Generator().manual_seed(1234)
     batches = [torch.randint(0, SHAPE["vocab_size"], (BATCH, SEQ), generator=gen) for _ in range(N_BATCHES)]
@@ -188,26 +198,26 @@ def run(rounds: int, steps: int, warmup: int, threads: int, compile_hf: bool) ->
     initial_loss = {}
     with torch.no_grad():
         for name, model in models.items():
-            if name != "hf_compiled":
+            if name not in COMPILED:
                 initial_loss[name] = loss_of(model["forward"](batches[0]), batches[0]).item()
     log(f"initial losses {initial_loss} (ln 65 = {math.log(65):.3f})")
 
     warmup_s: dict[str, float] = {}
-    compiled_status = "run" if compile_hf else "skipped (--no-compile)"
+    compiled_status = {name: "run" if compile_hf else "skipped (--no-compile)" for name in COMPILED}
     for name, model in list(models.items()):
         began = time.perf_counter()
         try:
-            for i in range(warmup):
+            for i in range(max(warmup, 2) if name in COMPILED else warmup):  # compiled: past any recompile
                 train_step(model, batches[i % N_BATCHES])
         except Exception as exc:  # torch.compile needs a working C++ toolchain; report, don't fail the run
-            if name != "hf_compiled":
+            if name not in COMPILED:
                 raise
-            compiled_status = f"skipped (compiling failed: {type(exc).__name__}: {str(exc)[:200]})"
+            compiled_status[name] = f"skipped (compiling failed: {type(exc).__name__}: {str(exc)[:200]})"
             del models[name]
-            log(compiled_status)
+            log(f"{name}: {compiled_status[name]}")
             continue
         warmup_s[name] = time.perf_counter() - began
-        log(f"warm-up {name}: {warmup} step(s) in {warmup_s[name]:.1f} s")
+        log(f"warm-up {name}: {warmup_s[name]:.1f} s")
 
     tokens = BATCH * SEQ
     samples: dict[str, list[float]] = {name: [] for name in models}
@@ -231,7 +241,9 @@ def run(rounds: int, steps: int, warmup: int, threads: int, compile_hf: bool) ->
     tok_s = {name: statistics.median(v) for name, v in samples.items()}
     peak = statistics.median(peaks)
     flops = {
-        name: flops_per_token(flashlm_config(name if name in ("gemma", "llama") else "llama"), SEQ, SEQ)
+        name: flops_per_token(
+            flashlm_config(base_name(name) if base_name(name) in ("gemma", "llama") else "llama"), SEQ, SEQ
+        )
         for name in models
     }
     train_flops = {name: f["training"] for name, f in flops.items()}
@@ -244,12 +256,15 @@ def run(rounds: int, steps: int, warmup: int, threads: int, compile_hf: bool) ->
         "speedup_vs_hf_compiled": (
             {f: tok_s[f] / tok_s["hf_compiled"] for f in ("gemma", "llama")} if "hf_compiled" in tok_s else None
         ),
+        "speedup_vs_hf_with_compile": {
+            f: tok_s[f"{f}_compiled"] / tok_s["hf_eager"] for f in ("gemma", "llama") if f"{f}_compiled" in tok_s
+        },
         "mfu": mfu,
         "peak_gflops": peak,
         "peak_probe": f"{PEAK_N}x{PEAK_N} fp32 torch.mm, median of {PEAK_REPS} per round, median over rounds",
         "achieved_gflops": {name: tok_s[name] * train_flops[name] / 1e9 for name in models},
         "training_flops_per_token": train_flops,
-        "flops_note": "flashlm.evaluate.efficiency.flops_per_token(cfg, 256, 256)['training']: 3 x (2 x matmul "
+        "flops_note": "flashlm.model.flops.flops_per_token(cfg, 256, 256)['training']: 3 x (2 x matmul "
         "weights incl. the tied LM head + QK^T/AV over the mean causal context); norms, softmax, RoPE and the "
         "optimizer not counted. HF rows use the llama flavour's count (same matmuls).",
         "parameters": {name: m["params"] for name, m in models.items()},
@@ -258,7 +273,7 @@ def run(rounds: int, steps: int, warmup: int, threads: int, compile_hf: bool) ->
         "ln_vocab": math.log(SHAPE["vocab_size"]),
         "final_losses": {name: v[-steps:] for name, v in losses.items()},
         "warmup_seconds": warmup_s,
-        "hf_compiled": compiled_status,
+        "compiled_rows": compiled_status,
         "settings": {
             "shape": SHAPE,
             "batch": BATCH,
@@ -334,7 +349,7 @@ def markdown(report: dict[str, Any]) -> str:
     m, s, tok = report["machine"], report["settings"], report["tokens_per_s"]
     shape = s["shape"]
     rows = []
-    for name in ("gemma", "llama", "hf_eager", "hf_compiled"):
+    for name in ("gemma", "llama", "gemma_compiled", "llama_compiled", "hf_eager", "hf_compiled"):
         if name not in tok:
             continue
         speed = tok[name] / tok["hf_eager"]
@@ -348,12 +363,19 @@ def markdown(report: dict[str, Any]) -> str:
     met = all(v >= GOAL_SPEEDUP for v in sp.values())
     verdict = "met" if met else "NOT met"
     losses = ", ".join(f"{LABELS[n]} {v:.3f}" for n, v in report["initial_loss"].items())
-    compiled = (
-        "The torch.compile row compiles the HF model with the default inductor backend; its compile time is "
-        f"in the warm-up ({report['warmup_seconds']['hf_compiled']:.0f} s; inductor's on-disk cache from an "
-        "earlier run shortens it)."
-        if "hf_compiled" in tok
-        else f"The torch.compile HF row was {report['hf_compiled']}."
+    warm = report["warmup_seconds"]
+    status = report.get("compiled_rows", {})
+    compiled = "; ".join(
+        f"{LABELS[n]}: compiled in the warm-up ({warm[n]:.0f} s)" if n in tok else f"{LABELS[n]}: {status.get(n)}"
+        for n in COMPILED
+    )
+    with_compile = report.get("speedup_vs_hf_with_compile") or {}
+    compile_verdict = (
+        "With `train.compile` (FlashLM under torch.compile against HF eager): "
+        + ", ".join(f"{f} {v:.2f}x" for f, v in with_compile.items())
+        + (" (goal met this way)." if with_compile and min(with_compile.values()) >= GOAL_SPEEDUP else ".")
+        if with_compile
+        else "The compiled rows did not run."
     )
     lines = [
         BEGIN,
@@ -379,18 +401,19 @@ def markdown(report: dict[str, Any]) -> str:
         *rows,
         "",
         f"Result: {verdict} (gemma {sp['gemma']:.2f}x, llama {sp['llama']:.2f}x HF eager; medians of the "
-        f"per-round ratios: gemma {pr['gemma']:.2f}x, llama {pr['llama']:.2f}x).",
+        f"per-round ratios: gemma {pr['gemma']:.2f}x, llama {pr['llama']:.2f}x). {compile_verdict}",
         "",
         "Notes:",
         f"- MFU = achieved FLOP/s / the fp32 matmul peak measured in the same run ({report['peak_probe']}): "
         f"{report['peak_gflops']:.1f} GFLOP/s. Training FLOPs per token come from "
-        "`flashlm.evaluate.efficiency.flops_per_token` (3 x forward: 2 x the matmul weights, tied LM head "
+        "`flashlm.model.flops.flops_per_token` (3 x forward: 2 x the matmul weights, tied LM head "
         "included, plus QK^T and AV); norms, softmax, RoPE and the optimizer are not counted, so the gemma "
         "flavour's extra norms show up as lower MFU.",
         f"- Sanity check: initial losses on random tokens {losses} (ln {shape['vocab_size']} = "
         f"{report['ln_vocab']:.3f}).",
         *profile_note(report),
-        f"- {compiled}",
+        f"- torch.compile rows (default inductor backend; compile time is in the warm-up, and inductor's "
+        f"on-disk cache from an earlier run shortens it): {compiled}.",
         "",
         "Rerun: `.venv/bin/python bench/train_throughput.py` (`--rounds`, `--steps`, `--no-compile`; writes "
         "`bench/results/train_throughput.json`; `--report-only` rewrites this section from it).",

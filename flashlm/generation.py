@@ -3,6 +3,12 @@
 Prompts of different lengths are left-padded into one batch; the cache masks the padding and shifts
 RoPE positions per row, so a batched row decodes exactly as it would alone.
 
+After the prompt's single forward pass, each new token goes through a decode step. ``decoder`` picks it:
+"fast" (the default) runs `flashlm.model.decoding.DecodeStep`, which prepares masks, RoPE tables and
+fused projections once instead of rebuilding them every step; "compiled" runs the same step under
+`torch.compile` over a cache of the model's whole context (the first generation pays the compile);
+"reference" runs `FlashLM.forward` itself. All three compute the same logits up to rounding.
+
 `greedy_decode` continues ``<bos> source <sep>`` prompts of prefix-LM fine-tuned models greedily, in
 batches of similar length (`length_batches`). `beam_search` is a batched beam search over the KV cache:
 every source keeps ``beam`` rows, and after each step the cache rows are reordered to follow the
@@ -19,7 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from flashlm.model.cache import KVCache
+from flashlm.model.decoding import DecodeStep
 from flashlm.model.transformer import FlashLM
+
+DECODERS = ("fast", "compiled", "reference")
 
 
 @dataclass
@@ -68,11 +77,19 @@ def pick(scores: torch.Tensor, s: Sampling, generator: torch.Generator | None) -
 
 @torch.no_grad()
 def generate_tokens(
-    model: FlashLM, prompts: Sequence[Sequence[int]], sampling: Sampling, eos_id: int | None = None, pad_id: int = 0
+    model: FlashLM,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    decoder: str = "fast",
 ) -> Iterator[list[int | None]]:
-    """Yield, each step, the new token of every row (None for rows already finished)."""
+    """Yield, each step, the new token of every row (None for rows already finished). ``decoder``:
+    "fast", "compiled" or "reference" (see the module docstring)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start from <bos>)")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -84,7 +101,9 @@ def generate_tokens(
     batch = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
         batch[row, width - len(p) :] = torch.tensor(list(p), device=device)
-    cache = KVCache(model.cfg, len(prompts), width + budget, device, dtype, pad_left=pad)
+    # the compiled step keeps one cache length (the whole context), so later prompts reuse its graph
+    max_len = model.cfg.max_seq_len if decoder == "compiled" else width + budget
+    cache = KVCache(model.cfg, len(prompts), max_len, device, dtype, pad_left=pad)
     mode = "prefix" if sampling.prefix_lm else "causal"
     prefix_len = lengths if sampling.prefix_lm else None
     generator = None
@@ -93,15 +112,20 @@ def generate_tokens(
     history = batch
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     logits = model(batch, mode=mode, prefix_len=prefix_len, cache=cache).logits[:, -1]
+    step = None if decoder == "reference" else DecodeStep(model, cache, compile=decoder == "compiled")
     for _ in range(budget):
         token = pick(next_token_scores(logits, history, sampling), sampling, generator)
         yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist(), strict=True)]
         if eos_id is not None and sampling.stop_at_eos:
             done |= token == eos_id
-        if bool(done.all()):
-            return
-        history = torch.cat([history, token[:, None]], dim=1)
-        logits = model(token[:, None], mode=mode, prefix_len=prefix_len, cache=cache).logits[:, -1]
+            if bool(done.all()):
+                return
+        if sampling.repetition_penalty != 1.0:  # the only reader of the history
+            history = torch.cat([history, token[:, None]], dim=1)
+        if step is not None:  # after the prompt, prefix-LM and causal decode steps see the same keys
+            logits = step(token)
+        else:
+            logits = model(token[:, None], mode=mode, prefix_len=prefix_len, cache=cache).logits[:, -1]
 
 
 # ---- prefix-LM decoding -----------------------------------------------------------------------
@@ -306,9 +330,10 @@ def beam_search(
     def reorder(rows: torch.Tensor) -> None:
         _reorder_cache(cache, rows.to(device))
 
+    decode = DecodeStep(model, cache)  # reads the cache rows `reorder` leaves at every step
+
     def step(tokens: torch.Tensor) -> torch.Tensor:
-        out = model(tokens[:, None].to(device), mode="prefix", prefix_len=lengths, cache=cache).logits[:, -1]
-        return out.float().log_softmax(-1).cpu()
+        return decode(tokens.to(device)).float().log_softmax(-1).cpu()
 
     results = beam_search_core(first, step, reorder, beam, budget, eos_id, length_penalty, allowed)
     return [tokens for tokens, _ in results]
@@ -360,13 +385,16 @@ class StopStrings:
         return piece
 
 
-def stream(model: FlashLM, tokenizer, prompt: str, sampling: Sampling, add_bos: bool = True) -> Iterator[str]:
+def stream(
+    model: FlashLM, tokenizer, prompt: str, sampling: Sampling, add_bos: bool = True, decoder: str = "fast"
+) -> Iterator[str]:
     """Yield the text of one prompt's continuation piece by piece, honouring stop strings
     (`StopStrings`), so the pieces always join to exactly what `generate` returns."""
     ids = tokenizer.encode(prompt, add_bos=add_bos)
     produced: list[int] = []
     held, text = StopStrings(sampling.stop), ""
-    for step in generate_tokens(model, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0):
+    pad_id = tokenizer.pad_id or 0
+    for step in generate_tokens(model, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=pad_id, decoder=decoder):
         token = step[0]
         if token is None or (token == tokenizer.eos_id and sampling.stop_at_eos):
             break
@@ -381,15 +409,22 @@ def stream(model: FlashLM, tokenizer, prompt: str, sampling: Sampling, add_bos: 
 
 
 def generate(
-    model: FlashLM, tokenizer, prompts: str | Sequence[str], sampling: Sampling | None = None, add_bos: bool = True
+    model: FlashLM,
+    tokenizer,
+    prompts: str | Sequence[str],
+    sampling: Sampling | None = None,
+    add_bos: bool = True,
+    decoder: str = "fast",
 ) -> str | list[str]:
-    """Complete one prompt (returns a string) or a batch of prompts (returns a list)."""
+    """Complete one prompt (returns a string) or a batch of prompts (returns a list); ``decoder`` as in
+    `generate_tokens`."""
     sampling = sampling or Sampling()
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
     encoded = [tokenizer.encode(t, add_bos=add_bos) for t in texts]
     outputs: list[list[int]] = [[] for _ in texts]
-    for step in generate_tokens(model, encoded, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0):
+    pad_id = tokenizer.pad_id or 0
+    for step in generate_tokens(model, encoded, sampling, eos_id=tokenizer.eos_id, pad_id=pad_id, decoder=decoder):
         for row, token in enumerate(step):
             if token is not None and not (sampling.stop_at_eos and token == tokenizer.eos_id):
                 outputs[row].append(token)
@@ -412,6 +447,7 @@ def _stop_index(text: str, stops: Sequence[str]) -> int | None:
 
 
 __all__ = [
+    "DECODERS",
     "Sampling",
     "StopStrings",
     "beam_search",

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
+import time
 from typing import Any
 
 import torch
@@ -101,6 +103,25 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def matmul_peak_flops(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 5
+) -> float:
+    """FLOP/s of an n x n matmul on `device` in `dtype`: the median of `reps` timed runs after a warm-up
+    (a fraction of a second on a CPU). The denominator of model FLOPs utilisation."""
+    device = torch.device(device)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+
+    def timed() -> float:
+        began = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - began
+
+    timed()
+    return 2 * n**3 / statistics.median(timed() for _ in range(reps))
+
+
 def describe(info: dict[str, Any]) -> str:
     """One line for a report: CPU, its bf16 support and capability, threads (and GPU). Records written
     before these fields existed say what they lack."""
@@ -123,5 +144,6 @@ __all__ = [
     "describe",
     "dtype_of",
     "machine_info",
+    "matmul_peak_flops",
     "resolve_precision",
 ]

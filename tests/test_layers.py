@@ -18,7 +18,7 @@ LAYERS = [
     ["flashlm.errors", "flashlm.hardware", "flashlm.config"],
     ["flashlm.model"],
     ["flashlm.tokenizer", "flashlm.data"],
-    ["flashlm.generation", "flashlm.explain", "flashlm.interop"],
+    ["flashlm.generation", "flashlm.speculative", "flashlm.explain", "flashlm.interop"],
     ["flashlm.training"],
     ["flashlm.evaluate"],
     ["flashlm.serve"],

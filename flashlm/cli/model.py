@@ -22,16 +22,35 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible samples.")] = None,
     prefix_lm: Annotated[bool, typer.Option(help="Attend bidirectionally over the prompt.")] = False,
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
+    draft: Annotated[
+        Path | None,
+        typer.Option(
+            help="A smaller model with the same tokenizer (e.g. a student distilled from this one) that "
+            "proposes tokens for speculative decoding: the same text greedily, the same distribution when "
+            "sampling, sooner. Prompts then run one at a time."
+        ),
+    ] = None,
+    lookahead: Annotated[int, typer.Option(min=1, help="Tokens the draft proposes per check (with --draft).")] = 4,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            help="Run the decode step under torch.compile: faster per token after a one-time compile of "
+            "seconds to a minute, so worth it for long outputs."
+        ),
+    ] = False,
 ) -> None:
     """Generate text from a model, streaming tokens to the terminal."""
     from flashlm.generation import Sampling, stream
     from flashlm.generation import generate as generate_batch
     from flashlm.hardware import dtype_of, resolve_precision
     from flashlm.model.transformer import FlashLM
+    from flashlm.speculative import load_draft, speculative_generate, speculative_stream
     from flashlm.tokenizer import Tokenizer
 
-    model = FlashLM.from_pretrained(model_dir, dtype=dtype_of(resolve_precision(check_precision(precision), "cpu")))
+    dtype = dtype_of(resolve_precision(check_precision(precision), "cpu"))
+    model = FlashLM.from_pretrained(model_dir, dtype=dtype)
     tokenizer = Tokenizer.load(model_dir)
+    draft_model = None if draft is None else load_draft(draft, model, tokenizer, dtype=dtype)
     sampling = Sampling(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -42,13 +61,22 @@ def generate(
         seed=seed,
         prefix_lm=prefix_lm,
     )
+    decoder = "compiled" if compile else "fast"
     if len(prompt) == 1:
         typer.echo(prompt[0], nl=False)
-        for piece in stream(model, tokenizer, prompt[0], sampling):
+        if draft_model is None:
+            pieces = stream(model, tokenizer, prompt[0], sampling, decoder=decoder)
+        else:
+            pieces = speculative_stream(model, draft_model, tokenizer, prompt[0], sampling, lookahead)
+        for piece in pieces:
             typer.echo(piece, nl=False)
         typer.echo()
         return
-    for text, completion in zip(prompt, generate_batch(model, tokenizer, prompt, sampling), strict=True):
+    if draft_model is None:
+        completions = generate_batch(model, tokenizer, prompt, sampling, decoder=decoder)
+    else:
+        completions = speculative_generate(model, draft_model, tokenizer, prompt, sampling, lookahead)
+    for text, completion in zip(prompt, completions, strict=True):
         typer.echo(f"{text}{completion}\n")
 
 

@@ -20,6 +20,14 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
+    draft: Annotated[
+        Path | None,
+        typer.Option(
+            help="A smaller model with the same tokenizer (e.g. a student distilled from this one): every "
+            "request then decodes speculatively (same text greedily, same distribution when sampling)."
+        ),
+    ] = None,
+    lookahead: Annotated[int, typer.Option(min=1, help="Tokens the draft proposes per check (with --draft).")] = 4,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web playground (/)."""
     from flashlm.serve.app import serve as run_server
@@ -27,7 +35,14 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can use the model")
     run_server(
-        model_dir, host=host, port=port, device=device, log_level=log_level, precision=check_precision(precision)
+        model_dir,
+        host=host,
+        port=port,
+        device=device,
+        log_level=log_level,
+        precision=check_precision(precision),
+        draft_dir=draft,
+        lookahead=lookahead,
     )
 
 

@@ -38,8 +38,8 @@ def train_command(
     minutes: Annotated[
         float | None,
         typer.Option(
-            help="Train for this many minutes: the lr schedule follows the clock and the run ends with a "
-            "checkpoint (train.steps, when set with --set, stays a cap)."
+            help="Train for this many minutes (evaluation and saves not counted): the lr schedule follows "
+            "the clock and the run ends with a checkpoint (train.steps, when set with --set, stays a cap)."
         ),
     ] = None,
 ) -> None:

@@ -139,6 +139,9 @@ def objective_terms(raw: Any) -> dict[str, ObjectiveTerm]:
 
 
 # ---- training -----------------------------------------------------------------------------------
+OPTIMIZERS = ("adamw", "muon")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and run settings for `flashlm train` (objectives and distillation extend it)."""
@@ -146,11 +149,14 @@ class TrainConfig:
     data: str = ""  # token-shard directory (from `flashlm data prepare`)
     out: str = "runs/train"
     steps: int = 1000
-    minutes: float = 0.0  # wall-clock budget (0: none); the run ends at this or `steps`, whichever comes first
+    minutes: float = 0.0  # training-time budget (0: none; evaluation and saves not counted); ends at this or `steps`
     batch_size: int = 16  # sequences per rank per micro-step
     seq_len: int = 256
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 3e-3  # AdamW's peak lr (with muon: of the parameters Muon does not step)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's peak lr (the schedule scales it like lr)
+    muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     schedule: str = "cosine"  # cosine | wsd
@@ -160,6 +166,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    peak_flops: float = 0.0  # FLOP/s of one device for MFU; 0: measured by a short matmul at the start
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # ddp | fsdp (used when launched by torchrun)
     seed: int = 1337
@@ -202,6 +209,18 @@ class TrainConfig:
             value = getattr(self, key)
             need(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
         need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(
+            self.optimizer in OPTIMIZERS,
+            "optimizer",
+            f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        need(
+            isinstance(self.peak_flops, (int, float)) and self.peak_flops >= 0,
+            "peak_flops",
+            f"must be FLOP/s >= 0 (0: measure), got {self.peak_flops!r}",
+        )
+        need(self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}")
+        need(0 <= self.muon_momentum < 1, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         need(
             isinstance(self.minutes, (int, float)) and self.minutes >= 0,
             "minutes",

@@ -1,15 +1,6 @@
 """Efficiency: parameters, FLOPs per token, prefill/decode throughput, latency, peak memory, KV-cache size.
 
-FLOPs per token (2 FLOPs per multiply-add; norms, softmax and RoPE ignored):
-
-    forward   = 2·N + 4·H·h·Σ_layers c_l
-    training  = 3 · forward                     (the backward pass costs about twice the forward)
-
-N counts the weights of every matmul a token passes through: per layer d·H·h + 2·d·K·h + H·h·d (q, k, v,
-o) + 3·d·f (gated MLP), plus the V·d LM head (counted even when tied to the embedding, whose lookup is
-free). The attention term is QKᵀ and AV: 2·H·h FLOPs each per key, over c_l keys in layer l. Decoding
-at context C: c_l = C on global layers, min(window, C) on local ones. Over a causal sequence of T
-tokens (prefill, training) c_l is the mean over positions t = 1..T of min(window, t) (global: (T+1)/2).
+FLOPs per token come from `flashlm.model.flops` (its docstring gives the formula).
 
 Timings come from `generate_tokens` (greedy, KV cache, no early stop): time to first token = prefill
 plus the first pick; decode latency = the time between consecutive tokens.
@@ -35,37 +26,7 @@ from flashlm.errors import ConfigError
 from flashlm.generation import Sampling, generate_tokens
 from flashlm.hardware import machine_info
 from flashlm.model.cache import KVCache
-
-
-# ---- FLOPs --------------------------------------------------------------------------------------
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights a token multiplies through: attention and MLP projections of every layer plus the LM head."""
-    d, h = cfg.d_model, cfg.head_dim
-    per_layer = d * cfg.n_heads * h + 2 * d * cfg.n_kv_heads * h + cfg.n_heads * h * d + 3 * d * cfg.d_ff
-    return cfg.n_layers * per_layer + cfg.vocab_size * d
-
-
-def mean_causal_keys(length: int, window: int | None) -> float:
-    """Mean over positions t = 1..length of the keys a causal query sees: min(window, t)."""
-    w = length if window is None else min(window, length)
-    return (w * (w + 1) / 2 + (length - w) * w) / length
-
-
-def flops_per_token(cfg: ModelConfig, context: int, train_len: int | None = None) -> dict[str, float]:
-    """Forward FLOPs of one decoded token at `context`, of prefilling `context` tokens, and of training."""
-    n = matmul_params(cfg)
-    windows = [cfg.sliding_window if kind == "local" else None for kind in cfg.layer_types]
-    per_key = 4 * cfg.n_heads * cfg.head_dim
-    decode = sum(context if w is None else min(w, context) for w in windows)
-    prefill = sum(mean_causal_keys(context, w) for w in windows)
-    train = sum(mean_causal_keys(train_len or cfg.max_seq_len, w) for w in windows)
-    return {
-        "context": context,
-        "matmul_params": n,
-        "decode": 2 * n + per_key * decode,
-        "prefill": 2 * n + per_key * prefill,
-        "training": 3 * (2 * n + per_key * train),
-    }
+from flashlm.model.flops import flops_per_token
 
 
 # ---- memory -------------------------------------------------------------------------------------
@@ -244,11 +205,8 @@ def efficiency(
 __all__ = [
     "PeakMemory",
     "efficiency",
-    "flops_per_token",
     "kv_cache_bytes",
     "kv_cache_bytes_per_token",
     "kv_cache_comparison",
-    "matmul_params",
-    "mean_causal_keys",
     "measure_batch",
 ]

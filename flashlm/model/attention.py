@@ -142,4 +142,6 @@ class Attention(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         weights = scores.softmax(-1)
+        if mask is not None:  # a query that sees no key (a left-padding slot) gets zeros, not NaN
+            weights = weights.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         return (weights @ v.float()).type_as(q), weights

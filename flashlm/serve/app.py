@@ -1,15 +1,16 @@
 """An OpenAI-compatible HTTP API over one FlashLM model, plus the web playground.
 
     GET  /                      the playground page (static/index.html; no network needed)
-    GET  /health                {"status": "ok", "model": ...}
-    GET  /v1/models             the one model this process serves
+    GET  /health                {"status": "ok", "model": ...} (+ "draft": ... when decoding is speculative)
+    GET  /v1/models             the one model this process serves (and its draft model, if any)
     POST /v1/completions        prompt → text; "stream": true sends server-sent events
     POST /v1/chat/completions   messages → a reply, through a plain "User: …\\nAssistant:" template
     POST /v1/explain            attention maps and token saliency (JSON) for the playground
 
 Generation is CPU/GPU-bound and not thread-safe, so it runs in worker threads behind one lock: the
 event loop stays free to accept requests, answer /health, and notice clients that hang up. Bad
-requests get HTTP 400 with an OpenAI-style {"error": {"message", "type", "param"}} body.
+requests get HTTP 400 with an OpenAI-style {"error": {"message", "type", "param"}} body. Served with a
+draft model (`flashlm serve MODEL --draft DRAFT`), every request decodes speculatively, streamed or not.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException
 from flashlm.errors import FlashLMError
 from flashlm.generation import Sampling
 from flashlm.serve.engine import CHAT_STOP, Engine, Run, chat_prompt
+from flashlm.speculative import DEFAULT_LOOKAHEAD
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -140,7 +142,9 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": engine.name}
+        if engine.draft is None:
+            return {"status": "ok", "model": engine.name}
+        return {"status": "ok", "model": engine.name, "draft": engine.draft_name}
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -155,6 +159,7 @@ def create_app(engine: Engine) -> FastAPI:
                     "context_length": cfg.max_seq_len,
                     "n_layers": cfg.n_layers,
                     "n_heads": cfg.n_heads,
+                    **(_draft_info(engine) if engine.draft is not None else {}),
                 }
             ],
         }
@@ -266,8 +271,15 @@ def create_app(engine: Engine) -> FastAPI:
     return app
 
 
-def load_app(model_dir: str | Path, device: str = "cpu", precision: str = "auto") -> FastAPI:
-    return create_app(Engine.load(model_dir, device=device, precision=precision))
+def load_app(
+    model_dir: str | Path,
+    device: str = "cpu",
+    precision: str = "auto",
+    draft_dir: str | Path | None = None,
+    lookahead: int = DEFAULT_LOOKAHEAD,
+) -> FastAPI:
+    engine = Engine.load(model_dir, device=device, precision=precision, draft_dir=draft_dir, lookahead=lookahead)
+    return create_app(engine)
 
 
 def serve(
@@ -277,19 +289,35 @@ def serve(
     device: str = "cpu",
     log_level: str = "info",
     precision: str = "auto",
+    draft_dir: str | Path | None = None,
+    lookahead: int = DEFAULT_LOOKAHEAD,
 ) -> None:
-    """Load the model and serve it with uvicorn until interrupted (loopback only unless `host` says so)."""
+    """Load the model (and its draft) and serve it with uvicorn until interrupted (loopback only unless
+    `host` says so)."""
     import sys
 
     import uvicorn
 
-    app = load_app(model_dir, device, precision)
+    app = load_app(model_dir, device, precision, draft_dir, lookahead)
     shown = "localhost" if host in ("0.0.0.0", "::") else host
-    print(f"serving {app.state.engine.name}: playground at http://{shown}:{port}/, API at /v1", file=sys.stderr)
+    engine = app.state.engine
+    drafted = f" (speculative, draft {engine.draft_name}, lookahead {engine.lookahead})" if engine.draft else ""
+    print(f"serving {engine.name}{drafted}: playground at http://{shown}:{port}/, API at /v1", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+def _draft_info(engine: Engine) -> dict:
+    """What /v1/models says of a draft model: generation is speculative, with this draft."""
+    return {
+        "draft": {
+            "id": engine.draft_name,
+            "n_layers": engine.draft.cfg.n_layers,
+            "lookahead": engine.lookahead,
+        }
+    }
+
+
 class _BadRequest(HTTPException):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(400, message)

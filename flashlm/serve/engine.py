@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flashlm.generation import Sampling, StopStrings, generate_tokens
 from flashlm.model.transformer import FlashLM
+from flashlm.speculative import DEFAULT_LOOKAHEAD, load_draft, speculative_tokens
 
 # A plain-text chat template a base model can follow; generation stops when it starts the next user turn.
 ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -35,26 +36,53 @@ class Run:
 
 
 class Engine:
-    """A model and its tokenizer; `lock` serialises every use of the model (one request at a time)."""
+    """A model and its tokenizer; `lock` serialises every use of the model (one request at a time).
 
-    def __init__(self, model: FlashLM, tokenizer, name: str = "flashlm") -> None:
+    With a `draft` model (same tokenizer) every generation is speculative (`flashlm.speculative`):
+    the same text under greedy decoding, the same distribution under sampling, sooner."""
+
+    def __init__(
+        self,
+        model: FlashLM,
+        tokenizer,
+        name: str = "flashlm",
+        draft: FlashLM | None = None,
+        lookahead: int = DEFAULT_LOOKAHEAD,
+        draft_name: str = "draft",
+    ) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.draft, self.lookahead, self.draft_name = draft, lookahead, draft_name
         self.lock = threading.Lock()
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, device: str = "cpu", name: str | None = None, precision: str = "auto"
+        cls,
+        model_dir: str | Path,
+        device: str = "cpu",
+        name: str | None = None,
+        precision: str = "auto",
+        draft_dir: str | Path | None = None,
+        lookahead: int = DEFAULT_LOOKAHEAD,
     ) -> Engine:
-        """Load a model directory; `precision` as in `flashlm.hardware.resolve_precision` (bf16 weights
-        on CUDA and native-bf16 CPUs under "auto"). A run's `latest` link is named after its run."""
+        """Load a model directory (and a draft model for speculative decoding); `precision` as in
+        `flashlm.hardware.resolve_precision` (bf16 weights on CUDA and native-bf16 CPUs under "auto").
+        A run's `latest` link is named after its run."""
         from flashlm.hardware import dtype_of, resolve_precision
         from flashlm.tokenizer import Tokenizer
 
         dtype = dtype_of(resolve_precision(precision, device))
         model = FlashLM.from_pretrained(model_dir, device=device, dtype=dtype)
-        path = Path(model_dir)
-        default = path.parent.resolve().name if path.name == "latest" else path.resolve().name
-        return cls(model, Tokenizer.load(model_dir), name or default)
+        tokenizer = Tokenizer.load(model_dir)
+        draft = None if draft_dir is None else load_draft(draft_dir, model, tokenizer, device, dtype)
+        draft_name = "draft" if draft_dir is None else _run_name(draft_dir)
+        return cls(model, tokenizer, name or _run_name(model_dir), draft, lookahead, draft_name)
+
+    def token_steps(self, ids: list[int], sampling: Sampling) -> Iterator[list[int | None]]:
+        """The new tokens of one prompt, step by step (`generate_tokens`' protocol), speculative with a draft."""
+        tok = self.tokenizer
+        if self.draft is not None:
+            return speculative_tokens(self.model, self.draft, ids, sampling, tok.eos_id, self.lookahead)
+        return generate_tokens(self.model, [ids], sampling, eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
 
     @property
     def context(self) -> int:
@@ -87,7 +115,7 @@ class Engine:
         produced: list[int] = []
         held: StopStrings | None = None if lstrip else StopStrings(sampling.stop)
         text = ""
-        for step in generate_tokens(self.model, [ids], sampling, eos_id=tok.eos_id, pad_id=tok.pad_id or 0):
+        for step in self.token_steps(ids, sampling):
             if cancel is not None and cancel.is_set():
                 run.finish_reason = "cancelled"
                 return
@@ -112,6 +140,11 @@ class Engine:
             run.finish_reason = "length"
         if held is not None and (piece := held.flush(text)):
             yield piece
+
+
+def _run_name(model_dir: str | Path) -> str:
+    path = Path(model_dir)
+    return path.parent.resolve().name if path.name == "latest" else path.resolve().name
 
 
 def chat_repl(

@@ -8,7 +8,7 @@ targets are ignored.
 
 `fit` is the loop itself, shared with other heads (the SQuAD span head): deterministic shuffling by
 seed (with optional length bucketing, which cuts padding), and from `flashlm.training.optim` (what the
-pre-training loop uses too) AdamW with its parameter groups, the cosine, autocast and the update
+pre-training loop uses too) the optimizer (AdamW, or Muon with AdamW), the cosine, autocast and the update
 (clip, step, zero); the progress bar is `flashlm.training.progress`'s. It has both a step and a time
 budget: `FitSchedule` warms up over steps, and its cosine follows the share of the run done, steps
 or time, whichever is further along, so a run cut short by the clock still ends decayed.
@@ -32,7 +32,7 @@ from flashlm.data.batches import IGNORE_INDEX, Batch
 from flashlm.model.transformer import FlashLM
 from flashlm.training.finetune_config import FinetuneConfig
 from flashlm.training.objectives import prefix_lm_loss
-from flashlm.training.optim import adamw, apply_update, autocast_for, cosine, seed_everything, set_lr
+from flashlm.training.optim import apply_update, autocast_for, cosine, make_optimizer, seed_everything, set_lr
 from flashlm.training.progress import progress_bar
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -158,7 +158,7 @@ def fit(
     schedule = FitSchedule.of(cfg, total)
     seed_everything(cfg.seed)
     device = next(module.parameters()).device
-    optimizer = adamw(module, cfg.lr, cfg.weight_decay, cfg.betas, device)
+    optimizer = make_optimizer(module, cfg, device)
     amp = autocast_for(cfg.precision, device)
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     state = _Run(total=total, budget=budget, clock=cfg.clock)

@@ -17,7 +17,10 @@ class FinetuneConfig:
     max_minutes: float | None = None
     clock: str = "wall"  # what max_minutes counts: "wall" time or this process's "cpu" time (all threads)
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW's peak lr (with muon: of the parameters Muon does not step)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -37,6 +40,9 @@ class FinetuneConfig:
         checks = [
             (self.batch_size > 0, "batch_size", "must be positive"),
             (self.lr > 0, "lr", "must be positive"),
+            (self.optimizer in ("adamw", "muon"), "optimizer", "must be adamw or muon"),
+            (self.muon_lr > 0, "muon_lr", "must be positive"),
+            (0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)"),
             (self.epochs > 0, "epochs", "must be positive"),
             (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be positive"),
             (self.max_steps is None or self.max_steps >= 0, "max_steps", "must be >= 0"),

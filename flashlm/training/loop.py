@@ -34,6 +34,8 @@ from torch import nn
 from flashlm.config import RunConfig, TrainConfig, canonical_train_settings
 from flashlm.data.batches import IGNORE_INDEX, BatchSlot, TokenStream, eval_batches
 from flashlm.errors import CheckpointError, ConfigError
+from flashlm.hardware import dtype_of, matmul_peak_flops, resolve_precision
+from flashlm.model.flops import training_flops_per_token
 from flashlm.model.transformer import FlashLM
 from flashlm.training.checkpoint import (
     CHECKPOINTS_DIR,
@@ -64,6 +66,7 @@ __all__ = [
     "build_model",
     "evaluate",
     "materialize_shards",
+    "peak_flops",
     "resume",
     "save",
     "train",
@@ -387,7 +390,13 @@ def _run(
     log = RunLog(cfg, env.is_main, start)
     _announce(log, tcfg, data, start, resumed_from, saved)
     amp = autocast_for(tcfg.precision, env.device)
-    state = _LoopState(start, resumed_from)
+    peak, source = peak_flops(tcfg, env.device)
+    flops = training_flops_per_token(cfg.model, tcfg.seq_len)
+    log.print(
+        f"MFU against {peak / 1e9:,.1f} GFLOP/s per device ({source}); {flops / 1e6:,.2f} MFLOP per trained token"
+    )
+    state = _LoopState(start, resumed_from, clock, flops_per_token=flops, peak_flops=peak, peak_source=source)
+    clock.start()
     try:
         for step in range(start + 1, tcfg.steps + 1):
             lr = optimizer.param_groups[0]["lr"]
@@ -399,6 +408,7 @@ def _run(
             row = _maybe_log(state, step, grad_norm, list(metrics), tcfg, env, lr, last)
             row.update(_maybe_eval(state, step, parts, data, tcfg, env, amp, last))
             if row:
+                row["train_seconds"] = clock.spent()
                 state.history.append(row)
                 log.write(row)
             log.advance(row)
@@ -411,6 +421,17 @@ def _run(
     finally:
         log.close()
     return {**state.summary(env), "out": str(tcfg.out)}
+
+
+def peak_flops(tcfg: TrainConfig, device: torch.device) -> tuple[float, str]:
+    """The FLOP/s that MFU divides by, and where it came from: train.peak_flops when set, else a square
+    matmul timed on the training device in the run's precision."""
+    if tcfg.peak_flops:
+        return float(tcfg.peak_flops), "train.peak_flops"
+    precision = resolve_precision(tcfg.precision, device)
+    n = 1024
+    measured = matmul_peak_flops(device, dtype_of(precision), n)
+    return measured, f"measured: {precision} {n}x{n} matmul on {device.type}, median of 5"
 
 
 def _place_objective(objective: Objective, env: DistEnv, tcfg: TrainConfig) -> nn.Module | None:
@@ -450,12 +471,16 @@ class _LoopState:
 
     step: int  # the last step done
     resumed_from: Path | None
+    clock: Clock  # the run's training time, which evaluation and saving leave out
     checkpoint: Path | None = None
     pending: list[torch.Tensor] = field(default_factory=list)  # per step [loss, *metrics] since last row
     history: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, float] = field(default_factory=dict)
     mark: float = field(default_factory=time.perf_counter)  # when the last row was logged
     paused: float = 0.0  # seconds spent evaluating / saving since then
+    flops_per_token: float = 0.0  # of training (forward + backward), for MFU
+    peak_flops: float = 0.0  # per device
+    peak_source: str = ""
 
     def record(self, loss: torch.Tensor, metrics: Metrics) -> None:
         """Keep the step's loss and metrics on the device until the next log row (no sync)."""
@@ -472,15 +497,21 @@ class _LoopState:
             "checkpoint": str(last) if last else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "world_size": env.world,
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak_flops,
+            "peak_flops_source": self.peak_source,
         }
 
 
 def _timed(state: _LoopState, fn: Callable[[], Any]) -> Any:
+    """Run `fn` (an evaluation, a save) off the clocks: neither tokens/s nor train.minutes count it."""
     began = time.perf_counter()
     try:
         return fn()
     finally:
-        state.paused += time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        state.paused += seconds
+        state.clock.pause(seconds)
 
 
 def _maybe_log(
@@ -510,6 +541,7 @@ def _maybe_log(
         "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens_per_s": tokens / elapsed,
+        "mfu": tokens / elapsed * state.flops_per_token / (state.peak_flops * env.world),
         **{k: v for k, v in zip(names, values[1:], strict=True) if not math.isnan(v)},
     }
     state.pending, state.mark, state.paused = [], now, 0.0
@@ -528,5 +560,6 @@ def _maybe_eval(
 ) -> dict[str, Any]:
     if data.val is None or not _due(step, tcfg.eval_every, last):
         return {}
+    began = time.perf_counter()
     state.eval = _timed(state, lambda: evaluate(parts, data.val, tcfg, env, amp, data.bytes_per_token))
-    return {"step": step, **state.eval}
+    return {"step": step, **state.eval, "val_seconds": time.perf_counter() - began}

@@ -1,10 +1,18 @@
 """What every FlashLM training loop shares (pre-training's `flashlm.training.loop` and fine-tuning's
-`flashlm.training.finetune.fit`): seeding, AdamW with its parameter groups, the lr schedule, the
-wall-clock budget it can follow, autocast, and the optimizer update (clip, step, schedule, zero).
+`flashlm.training.finetune.fit`): seeding, the optimizer (AdamW, or Muon with AdamW) with its parameter
+groups, the lr schedule, the training-time budget it can follow, autocast, and the optimizer update
+(clip, step, schedule, zero).
 
 - **Weight decay** applies to the projection matrices only. Norm gains and biases set scales rather
   than store features, and decaying the embedding (also the tied LM head) shrinks the rows of rare
   tokens between their sparse updates; so none of them is decayed.
+- **Muon** (``optimizer: muon``): the hidden matrices, the 2-D weights inside the transformer blocks,
+  step with Muon (`flashlm.training.muon`: `torch.optim.Muon`, orthogonalising in bf16 only where bf16
+  matmuls are native) at ``muon_lr``; embeddings, norm gains, the LM head and an objective's own
+  modules keep AdamW at ``lr`` (the split of the modded-nanogpt and nanochat speed-runs). Both step as
+  one `CombinedOptimizer`, so the schedule, the update and checkpoints treat them as one optimizer.
+  Under FSDP2 Muon's matrices are sharded DTensors; its Newton-Schulz matmuls run on them as DTensor
+  ops, which gather what they need.
 - **Precision**: bf16 autocast where it pays (`flashlm.hardware.resolve_precision`), else fp32;
   parameters and optimizer stay fp32.
 """
@@ -25,7 +33,10 @@ import torch.distributed as dist
 from torch import nn
 
 from flashlm.config import TrainConfig
+from flashlm.errors import ConfigError
 from flashlm.hardware import resolve_precision
+from flashlm.model.transformer import FlashLM
+from flashlm.training.muon import Muon
 
 
 def seed_everything(seed: int) -> None:
@@ -35,12 +46,13 @@ def seed_everything(seed: int) -> None:
 
 
 # ---- optimizer -----------------------------------------------------------------------------------
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; never norms, biases or embeddings. Frozen parameters are left out."""
+def param_groups(model: nn.Module, weight_decay: float, exclude: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    """Decay matrices; never norms, biases or embeddings. Frozen parameters, and those whose id is in
+    `exclude` (stepped by another optimizer), are left out."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, plain = [], []
     for param in model.parameters():
-        if param.requires_grad:
+        if param.requires_grad and id(param) not in exclude:
             (decay if param.ndim >= 2 and id(param) not in embeddings else plain).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
     sharded = {id(p) for g in groups for p in g["params"] if hasattr(p, "full_tensor")}
@@ -53,13 +65,108 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, betas: Any, device: torch.device) -> torch.optim.AdamW:
+def adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: Any,
+    device: torch.device,
+    exclude: frozenset[int] = frozenset(),
+) -> torch.optim.AdamW:
     """AdamW over `param_groups` (fused on CUDA)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=device.type == "cuda")
+    groups = param_groups(model, weight_decay, exclude)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device.type == "cuda")
 
 
-def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    return adamw(model, tcfg.lr, tcfg.weight_decay, tcfg.betas, device)
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable 2-D weights inside the transformer blocks of every FlashLM in `model` (the attention
+    and MLP projections): what Muon steps. Embeddings, norms, the LM head and any module outside the
+    blocks (an NSP head, a distillation projection) are not among them."""
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, FlashLM):
+            for param in module.layers.parameters():
+                if param.requires_grad and param.ndim == 2:
+                    found[id(param)] = param
+    return list(found.values())
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Optimizers over disjoint parameters, stepped, scheduled and saved as one.
+
+    Its `param_groups` are the optimizers' own group dicts, in order (an lr schedule setting them
+    reaches every optimizer), and one `state` mapping is shared by all of them (keys are parameters,
+    which are disjoint), so `state_dict` and `load_state_dict` are the base class's over all groups:
+    ``torch.distributed.checkpoint.state_dict`` saves and restores it like any single optimizer.
+    """
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = list(optimizers)
+        super().__init__([group for opt in self.optimizers for group in opt.param_groups], {})
+        for opt in self.optimizers:
+            self.state.update(opt.state)
+            opt.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The base class loads into new group dicts and a new state; hand them back to the optimizers."""
+        super().load_state_dict(state_dict)
+        groups = iter(self.param_groups)
+        for opt in self.optimizers:
+            opt.param_groups = [next(groups) for _ in opt.param_groups]
+            opt.state = self.state
+
+
+def muon_with_adamw(
+    model: nn.Module,
+    lr: float,
+    muon_lr: float,
+    muon_momentum: float,
+    weight_decay: float,
+    betas: Any,
+    device: torch.device,
+) -> CombinedOptimizer:
+    """Muon (`muon_lr`, `muon_momentum`) for `hidden_matrices`, AdamW (`lr`) for the rest. AdamW's groups
+    come first, so ``param_groups[0]["lr"]`` is still the AdamW lr; Muon's group keeps its share of the
+    peak in ``lr_ratio`` for `set_lr`."""
+    hidden = hidden_matrices(model)
+    if not hidden:
+        raise ConfigError("optimizer muon: no hidden matrices to step (all frozen?); use adamw")
+    ns_dtype = torch.bfloat16 if resolve_precision("auto", device) == "bf16" else torch.float32
+    muon = Muon(hidden, ns_dtype, lr=muon_lr, weight_decay=weight_decay, momentum=muon_momentum)
+    muon.param_groups[0]["lr_ratio"] = muon_lr / lr
+    rest = adamw(model, lr, weight_decay, betas, device, frozenset(id(p) for p in hidden))
+    return CombinedOptimizer(rest, muon)
+
+
+def make_optimizer(model: nn.Module, settings: Any, device: torch.device) -> torch.optim.Optimizer:
+    """`settings.optimizer` (a `TrainConfig` or a `FinetuneConfig`): AdamW over every trainable parameter,
+    or Muon for the hidden matrices with AdamW for the rest."""
+    if settings.optimizer == "muon":
+        return muon_with_adamw(
+            model,
+            settings.lr,
+            settings.muon_lr,
+            settings.muon_momentum,
+            settings.weight_decay,
+            settings.betas,
+            device,
+        )
+    return adamw(model, settings.lr, settings.weight_decay, settings.betas, device)
+
+
+def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """train.optimizer: AdamW over every trainable parameter, or Muon for the hidden matrices with AdamW."""
+    return make_optimizer(model, tcfg, device)
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -97,8 +204,9 @@ def apply_update(
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the peak-relative lr: `lr` on every group, times its ``lr_ratio`` where it has one (Muon's)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_ratio"] if "lr_ratio" in group else lr
 
 
 # ---- schedule ------------------------------------------------------------------------------------
@@ -131,17 +239,28 @@ def lr_factor(index: int, tcfg: TrainConfig, clock: float = 0.0) -> float:
 
 @dataclass
 class Clock:
-    """A run's wall-clock budget (train.minutes): seconds spent, across resumes, and the share of the
-    budget spent at the last `sync`, which the lr schedule follows. Rank 0's clock speaks for every
-    rank, so that all ranks use the same lr and stop at the same step."""
+    """A run's budget of training time (train.minutes): seconds spent training, across resumes, and the
+    share of the budget spent at the last `sync`, which the lr schedule follows. Time in evaluation and
+    checkpoint saves (`pause`) does not count, so how often a run evaluates does not change how long it
+    trains. Rank 0's clock speaks for every rank, so that all ranks use the same lr and stop at the same
+    step."""
 
     budget: float  # seconds; 0 means no budget
     spent_before: float = 0.0  # by the runs this one resumes
     fraction: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # seconds excluded since `started`
+
+    def start(self) -> None:
+        """Count from now (the first training step), not from the setup before it."""
+        self.started, self.paused = time.perf_counter(), 0.0
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation, a checkpoint save) out of the time spent."""
+        self.paused += seconds
 
     def spent(self) -> float:
-        return self.spent_before + time.perf_counter() - self.started
+        return self.spent_before + time.perf_counter() - self.started - self.paused
 
     def sync(self, env: Any) -> bool:
         """Update `fraction` (rank 0's reading, `env` a `flashlm.training.distributed.DistEnv`); True once

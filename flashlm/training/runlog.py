@@ -29,7 +29,7 @@ class RunLog:
         total = None if cfg.train.minutes else cfg.train.steps  # a timed run ends on the clock
         precision = resolve_precision(cfg.train.precision, default_device(cfg.train.device))
         self.task = self.progress.add_task(
-            "train", total=total, completed=start, loss="-", tps="-", precision=precision
+            "train", total=total, completed=start, loss="-", tps="-", mfu="-", precision=precision
         )
         self.progress.start()
         if cfg.train.tensorboard:
@@ -44,7 +44,7 @@ class RunLog:
             return
         fields = {}
         if "loss" in row:
-            fields = {"loss": f"{row['loss']:.4f}", "tps": f"{row['tokens_per_s']:,.0f}"}
+            fields = {"loss": f"{row['loss']:.4f}", "tps": f"{row['tokens_per_s']:,.0f}", "mfu": f"{row['mfu']:.1%}"}
         self.progress.update(self.task, advance=1, **fields)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -78,6 +78,7 @@ def _progress_bar() -> Any:
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("MFU {task.fields[mfu]}"),
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )

@@ -19,16 +19,14 @@ from flashlm.errors import FlashLMError
 from flashlm.evaluate import metrics
 from flashlm.evaluate.efficiency import (
     efficiency,
-    flops_per_token,
     kv_cache_bytes,
     kv_cache_bytes_per_token,
     kv_cache_comparison,
-    matmul_params,
-    mean_causal_keys,
 )
 from flashlm.evaluate.lm import IGNORE, cloze, cloze_row, perplexity, sliding_windows
 from flashlm.evaluate.report import write_report, write_result
 from flashlm.model.cache import KVCache
+from flashlm.model.flops import flops_per_token, matmul_params, mean_causal_keys
 from flashlm.model.transformer import FlashLM
 from flashlm.tasks.longrange import (
     NEEDLE,

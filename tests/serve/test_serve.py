@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from flashlm import cli
-from flashlm.config import get_preset
+from flashlm.config import get_preset, replace
 from flashlm.generation import Sampling, generate
 from flashlm.model.transformer import FlashLM
 from flashlm.serve import app as serve_app
@@ -291,3 +292,62 @@ def test_default_host_is_loopback(model_dir, monkeypatch):
     ((app, kwargs),) = calls
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8000
     assert TestClient(app).get("/health").json()["status"] == "ok"
+
+
+# ---- speculative decoding with a draft model ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def draft_dir(model_dir, tmp_path_factory):
+    """Another nano model (other random weights, two local layers) with the target's tokenizer."""
+    torch.manual_seed(1)
+    draft = FlashLM(replace(get_preset("nano"), layer_pattern="LG", sliding_window=8)).eval()
+    with torch.no_grad():
+        draft.embed.weight.mul_(4.0)
+    return draft.save_pretrained(tmp_path_factory.mktemp("serve") / "draft", tokenizer=Tokenizer.load(model_dir))
+
+
+def test_a_served_draft_gives_the_targets_text_streamed_or_not(model_dir, draft_dir, engine, client):
+    drafted = TestClient(serve_app.create_app(Engine.load(model_dir, draft_dir=draft_dir, lookahead=3)))
+    assert drafted.get("/health").json() == {"status": "ok", "model": engine.name, "draft": "draft"}
+    assert drafted.get("/v1/models").json()["data"][0]["draft"] == {"id": "draft", "n_layers": 2, "lookahead": 3}
+    assert "draft" not in client.get("/health").json()
+    greedy = dict(max_tokens=40, temperature=0)
+    plain = completion(client, **greedy)
+    fast = completion(drafted, **greedy)
+    assert fast["choices"] == plain["choices"] and fast["usage"] == plain["usage"]
+    assert streamed_completion(drafted, **greedy)[0] == plain["choices"][0]["text"]
+    sampled = dict(max_tokens=30, temperature=1.0, top_p=0.9, seed=5)
+    assert streamed_completion(drafted, **sampled)[0] == completion(drafted, **sampled)["choices"][0]["text"]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "temperature": 0}
+    reply = drafted.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert reply == client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+
+def test_generate_and_serve_cli_take_a_draft(model_dir, draft_dir, monkeypatch):
+    args = ["generate", str(model_dir), "-p", PROMPT, "--temperature", "0", "--max-new-tokens", "15"]
+    plain = CliRunner().invoke(cli.app, args)
+    fast = CliRunner().invoke(cli.app, [*args, "--draft", str(draft_dir), "--lookahead", "2"])
+    assert plain.exit_code == 0 and fast.exit_code == 0, fast.output
+    assert fast.output == plain.output
+    both = [*args, "-p", "The dog"]
+    assert (
+        CliRunner().invoke(cli.app, [*both, "--draft", str(draft_dir)]).output
+        == CliRunner().invoke(cli.app, both).output
+    )
+    calls = []
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(app))
+    result = CliRunner().invoke(cli.app, ["serve", str(model_dir), "--draft", str(draft_dir)])
+    assert result.exit_code == 0, result.output
+    assert TestClient(calls[0]).get("/health").json()["draft"] == "draft"
+
+
+def test_a_draft_with_another_tokenizer_is_one_clear_error(model_dir, tmp_path, monkeypatch, capsys):
+    other = Tokenizer.train(iter(["completely different words", "and other ones"] * 50), 512, show_progress=False)
+    FlashLM(get_preset("nano")).save_pretrained(tmp_path / "other", other)
+    for draft, needle in ((tmp_path / "other", "tokenizer"), (tmp_path / "missing", "no such model directory")):
+        monkeypatch.setattr(sys, "argv", ["flashlm", "generate", str(model_dir), "-p", "x", "--draft", str(draft)])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        output = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(output.splitlines()) == 1 and needle in output, output

@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 train exactly like one process with 2× the batch."""
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 train exactly like one process with 2× the batch,
+with AdamW and with Muon (whose FSDP2 step orthogonalises sharded DTensor matrices)."""
 
 from __future__ import annotations
 
@@ -63,11 +64,13 @@ def close(a: list, b: list, tol: float = 1e-5) -> bool:
     return True
 
 
-def test_two_ranks_match_one_process_with_twice_the_batch(shards, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_ranks_match_one_process_with_twice_the_batch(shards, tmp_path, optimizer):
+    settings = (*SETTINGS, f"train.optimizer={optimizer}")
     script = tmp_path / "runner.py"
     script.write_text(
         RUNNER.format(
-            tests=str(Path(__file__).resolve().parents[1]), data=str(shards), out=str(tmp_path), settings=SETTINGS, b=B
+            tests=str(Path(__file__).resolve().parents[1]), data=str(shards), out=str(tmp_path), settings=settings, b=B
         )
     )
     cmd = [
@@ -85,11 +88,14 @@ def test_two_ranks_match_one_process_with_twice_the_batch(shards, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    single = train(tiny_config(shards, tmp_path / "single", f"train.batch_size={2 * B}", *SETTINGS))
+    single = train(tiny_config(shards, tmp_path / "single", f"train.batch_size={2 * B}", *settings))
     expected = [(r["step"], r.get("loss"), r.get("val_loss")) for r in single["history"]]
     assert [row[0] for row in expected] == [1, 2, 3, 4, 5, 6]
-    assert close(results["ddp"], expected), (results["ddp"], expected)
-    assert close(results["fsdp"], expected), (results["fsdp"], expected)
+    # Muon's Newton-Schulz iteration amplifies the last-bit differences of a 2-rank gradient average
+    # (in bf16, on machines with native bf16, to about 1e-4 in the loss); AdamW keeps them at rounding
+    tol = 1e-3 if optimizer == "muon" else 1e-5
+    assert close(results["ddp"], expected, tol), (results["ddp"], expected)
+    assert close(results["fsdp"], expected, tol), (results["fsdp"], expected)
     # the FSDP checkpoint was gathered to full tensors: it loads in a single process
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step_000006"
     model_state, state = load_checkpoint(ckpt, get_preset("nano"))

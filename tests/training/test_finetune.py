@@ -22,6 +22,7 @@ from flashlm.training.finetune import (
     new_model,
 )
 from flashlm.training.objectives import prefix_lm_loss
+from flashlm.training.optim import set_lr
 
 IDS = SimpleNamespace(bos_id=1, eos_id=2, sep_id=4, pad_id=0)  # make_example with id lists needs no vocab
 
@@ -108,6 +109,27 @@ def test_finetune_learns_to_copy():
     assert not model.training
 
 
+def test_finetune_with_muon_learns_to_copy_and_scales_muons_lr():
+    model = tiny_model()
+    train, test = copy_examples(512, 0), copy_examples(64, 1)
+    cfg = FinetuneConfig(
+        epochs=40, max_steps=100, batch_size=32, lr=3e-3, optimizer="muon", muon_lr=0.02, progress=False
+    )
+    seen = []
+    original = set_lr
+
+    def spy(optimizer, lr):
+        original(optimizer, lr)
+        seen.append([group["lr"] for group in optimizer.param_groups])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("flashlm.training.finetune.set_lr", spy)
+        summary = finetune(model, train, cfg)
+    assert summary["final_loss"] < 0.2 * summary["first_loss"] and copy_accuracy(model, test) > 0.8
+    for lrs in seen:  # AdamW's groups at the schedule's lr, Muon's at muon_lr / lr times it
+        assert lrs[-1] == pytest.approx(lrs[0] * 0.02 / 3e-3)
+
+
 def test_budgets_stop_the_run():
     model = tiny_model()
     examples = copy_examples(64, 0)
@@ -168,3 +190,5 @@ def test_bad_settings_are_refused():
         finetune(tiny_model(), copy_examples(4, 0), FinetuneConfig(clock="gpu", progress=False))
     with pytest.raises(ConfigError, match="precision"):
         finetune(tiny_model(), copy_examples(4, 0), FinetuneConfig(precision="fp8", progress=False))
+    with pytest.raises(ConfigError, match="finetune.optimizer: must be adamw or muon"):
+        finetune(tiny_model(), copy_examples(4, 0), FinetuneConfig(optimizer="sgd", progress=False))

@@ -15,13 +15,15 @@ from typer.testing import CliRunner
 from flashlm.cli import app
 from flashlm.config import TrainConfig, get_preset
 from flashlm.errors import ConfigError, DataError
+from flashlm.model.flops import training_flops_per_token
 from flashlm.model.transformer import FlashLM
 from flashlm.tokenizer import Tokenizer
 from flashlm.training import train as train_entry
 from flashlm.training.checkpoint import latest_checkpoint, list_checkpoints
 from flashlm.training.loop import train
+from flashlm.training.muon import Muon
 from flashlm.training.objectives import Objective, clm_loss, get_objective
-from flashlm.training.optim import lr_factor, param_groups
+from flashlm.training.optim import build_optimizer, lr_factor, param_groups
 from flashlm.training.runlog import read_metrics
 
 
@@ -38,11 +40,13 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors"))
 
 
-def test_exact_resume_is_bit_identical(shards, tmp_path):
-    whole = train(tiny_config(shards, tmp_path / "whole"))
-    first = train(tiny_config(shards, tmp_path / "split"), callback=lambda step, row: step == 3)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_exact_resume_is_bit_identical(shards, tmp_path, optimizer):
+    opt = f"train.optimizer={optimizer}"
+    whole = train(tiny_config(shards, tmp_path / "whole", opt))
+    first = train(tiny_config(shards, tmp_path / "split", opt), callback=lambda step, row: step == 3)
     assert first["step"] == 3 and first["checkpoint"].endswith("step_000003")
-    second = train(tiny_config(shards, tmp_path / "split", "train.resume=true"))
+    second = train(tiny_config(shards, tmp_path / "split", opt, "train.resume=true"))
     assert second["resumed_from"].endswith("step_000003")
     assert losses(first) + losses(second) == losses(whole)  # exact float equality, every step
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
@@ -82,6 +86,24 @@ def test_run_folder_holds_metrics_plot_and_checkpoints(shards, tmp_path):
     assert (tmp_path / "latest").resolve() == ckpt.resolve()  # the run's stable name for its newest model
     model = FlashLM.from_pretrained(tmp_path / "latest")
     assert model.cfg == get_preset("nano")
+
+
+def test_training_rows_and_the_progress_line_carry_mfu(shards, tmp_path, capfd):
+    summary = train(tiny_config(shards, tmp_path, "train.steps=4", "train.log_every=2"))
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2
+    flops = training_flops_per_token(get_preset("nano"), 32)
+    assert summary["flops_per_token"] == flops and "measured" in summary["peak_flops_source"]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1.5
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / summary["peak_flops"])
+    err = capfd.readouterr().err
+    assert "MFU against" in err and f"MFU {rows[-1]['mfu']:.1%}" in err
+    # a given peak replaces the measurement
+    given = train(tiny_config(shards, tmp_path / "given", "train.steps=2", "train.peak_flops=1e12"))
+    assert given["peak_flops"] == 1e12 and given["peak_flops_source"] == "train.peak_flops"
+    row = [r for r in given["history"] if "loss" in r][-1]
+    assert row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / 1e12)
 
 
 def test_a_timed_run_ends_on_the_clock_with_a_decayed_lr_and_a_checkpoint(shards, tmp_path):
@@ -164,6 +186,43 @@ def test_schedules():
     assert lr_factor(90, wsd) == pytest.approx(0.5) and lr_factor(100, wsd) == pytest.approx(0.0)
 
 
+def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
+    model = FlashLM(get_preset("nano"))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05), torch.device("cpu"))
+    adam, muon = optimizer.optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adam = {names[id(p)] for g in adam.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2}
+    assert in_adam == set(names.values()) - in_muon and "embed.weight" in in_adam
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3] * len(adam.param_groups) + [0.05]
+    model(torch.randint(0, 512, (2, 8))).logits.float().pow(2).mean().backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in in_muon)
+    assert len(optimizer.state) == len(names)  # one state for every parameter, kept in one mapping
+
+
+@pytest.mark.parametrize("adjust", [None, "match_rms_adamw"])
+def test_muon_is_torchs_in_bf16_and_close_in_fp32(adjust):
+    torch.manual_seed(0)
+    start = torch.randn(48, 16)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(3)]
+    opts = [
+        torch.optim.Muon([params[0]], lr=0.02, adjust_lr_fn=adjust),
+        Muon([params[1]], torch.bfloat16, lr=0.02, adjust_lr_fn=adjust),
+        Muon([params[2]], torch.float32, lr=0.02, adjust_lr_fn=adjust),
+    ]
+    for _ in range(3):
+        grad = torch.randn(48, 16)
+        for param, opt in zip(params, opts, strict=True):
+            param.grad = grad.clone()
+            opt.step()
+    assert torch.equal(params[0], params[1])  # the same update, bit for bit, in torch's bf16
+    moved = (params[0] - start).abs().max()
+    assert (params[2] - params[0]).abs().max() < 0.05 * moved  # fp32: the same update, rounded less
+
+
 def test_no_weight_decay_on_norms_and_embeddings():
     model = FlashLM(get_preset("nano"))
     model.final_norm.requires_grad_(False)
@@ -182,6 +241,10 @@ def test_bad_inputs_fail_clearly(shards, tmp_path):
         train(tiny_config(tmp_path / "nowhere", tmp_path))
     with pytest.raises(ConfigError, match="objective"):
         train(tiny_config(shards, tmp_path, "train.objective=nope"))
+    with pytest.raises(ConfigError, match=r"^train\.optimizer: must be one of adamw, muon, got 'sgd'$"):
+        train(tiny_config(shards, tmp_path, "train.optimizer=sgd"))
+    with pytest.raises(ConfigError, match="train.muon_lr"):
+        train(tiny_config(shards, tmp_path, "train.optimizer=muon", "train.muon_lr=0"))
     with pytest.raises(ConfigError, match="train.tokenizer"):
         train(tiny_config(shards, tmp_path, f"train.tokenizer={tmp_path / 'none.json'}"))
     other = Tokenizer.train(iter(["a few words", "and a few more"]), vocab_size=300, show_progress=False)
