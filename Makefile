@@ -11,6 +11,7 @@ MINUTES ?= 5
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet 'torch==2.13.0'  # the CPU wheel here; torch's own index has the build for other machines
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
