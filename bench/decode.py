@@ -308,6 +308,19 @@ def greedy_markdown(report: dict[str, Any]) -> list[str]:
             "per-op overhead of the norms, RoPE, cache writes and masks, which the compiled step fuses into a "
             "few C++ kernels.",
         ]
+        tps = report["tokens_per_s"]
+        ceilings = "; ".join(
+            f"{b.replace('batch', 'batch ')} {f}: {_matmul_ceiling(tps[b][f], len(BATCHES[b]), p['matmul']):.2f}x"
+            for b, per in prof.items()
+            for f, p in per.items()
+        )
+        lines += [
+            "",
+            "The ceiling these matmuls set: if a FlashLM step were nothing but its projection matmuls, it would "
+            f"run at most (the faster HF row's step time / the matmul time) x HF: {ceilings}. A goal above its "
+            "ceiling cannot be met by removing overhead; it needs fewer or cheaper matmuls (lower precision, a "
+            "smaller model), which would change what is compared.",
+        ]
     if report.get("compile_seconds"):
         cs = report["compile_seconds"]
         lines += [
@@ -322,6 +335,12 @@ def greedy_markdown(report: dict[str, Any]) -> list[str]:
             "on-disk cache from an earlier run shortens it).",
         ]
     return lines
+
+
+def _matmul_ceiling(hf_rows: dict[str, float], batch: int, matmul_ms: float) -> float:
+    """The best FlashLM/HF ratio a step with only `matmul_ms` of work could reach."""
+    hf_step_ms = 1000.0 * batch / max(v for k, v in hf_rows.items() if k.startswith("hf_"))
+    return hf_step_ms / matmul_ms
 
 
 @dataclass
