@@ -6,7 +6,7 @@ each size; each run tokenizes it in a fresh process while this script samples th
 and all of its children. Results go to bench/results/data_prepare.json and a section of
 docs/benchmarks.md.
 
-    .venv/bin/python bench/data_prepare.py                      # 50 and 200 MB, workers 1 and 2
+    .venv/bin/python bench/data_prepare.py                      # 50 and 200 MB, workers 1 and 2, both encoders
     .venv/bin/python bench/data_prepare.py --sizes 20 --workers 2 --data DIR
 """
 
@@ -110,9 +110,9 @@ def _proc_tree_rss(root: int) -> int:
     return total
 
 
-def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int | None) -> dict:
+def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int | None, encoder: str) -> dict:
     """Run `prepare_shards` in a fresh process, sampling its tree's RSS every 50 ms."""
-    cmd = [sys.executable, __file__, "--child", str(corpus), str(tokenizer), str(out), str(workers or 0)]
+    cmd = [sys.executable, __file__, "--child", str(corpus), str(tokenizer), str(out), str(workers or 0), encoder]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     peak, done = 0, threading.Event()
 
@@ -134,14 +134,14 @@ def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int | None) -> d
     return result
 
 
-def child(corpus: str, tokenizer: str, out: str, workers: int) -> None:
+def child(corpus: str, tokenizer: str, out: str, workers: int, encoder: str) -> None:
     """The measured process: tokenize, then print timing as JSON."""
     import resource
 
     from flashlm.data.shards import prepare_shards
 
     start = time.perf_counter()
-    meta = prepare_shards(corpus, tokenizer, out, workers=workers or None, progress=False)
+    meta = prepare_shards(corpus, tokenizer, out, workers=workers or None, progress=False, encoder=encoder)
     elapsed = time.perf_counter() - start
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     cpu = sum(u.ru_utime + u.ru_stime for u in usage)
@@ -156,6 +156,7 @@ def child(corpus: str, tokenizer: str, out: str, workers: int) -> None:
                 "mb_per_s": round(text / 1e6 / elapsed, 2),
                 "cpu_seconds": round(cpu, 1),
                 "mb_per_cpu_s": round(text / 1e6 / cpu, 2),
+                "encoder": meta["encoder"],
             }
         )
     )
@@ -183,11 +184,13 @@ def checks(report: dict) -> dict:
     per_cpu = sorted(r["mb_per_cpu_s"] for r in runs)
     estimate = round(cpus * per_cpu[len(per_cpu) // 2], 2)
     ratios = {}
-    for workers in sorted({r["workers"] for r in runs}):
-        mine = sorted((r for r in runs if r["workers"] == workers), key=lambda r: r["size_mb"])
+    for key in sorted({(r.get("encoder", "tokenizers"), r["workers"]) for r in runs}):
+        mine = sorted(
+            (r for r in runs if (r.get("encoder", "tokenizers"), r["workers"]) == key), key=lambda r: r["size_mb"]
+        )
         if len(mine) > 1:
             small, large = mine[0], mine[-1]
-            ratios[str(workers)] = {
+            ratios[f"{key[0]}, workers {key[1]}"] = {
                 "mb_per_cpu_s": round(large["mb_per_cpu_s"] / small["mb_per_cpu_s"], 2),
                 "peak_rss": round(large["peak_rss_mb"] / small["peak_rss_mb"], 2),
             }
@@ -202,6 +205,9 @@ def checks(report: dict) -> dict:
         "throughput_goal_met": best >= GOAL_MBPS,
         "rss_goal_met": peak < GOAL_RSS_MB,
         "stable_across_sizes": stable,
+        "same_tokens_every_encoder": all(
+            len({r["tokens"] for r in runs if r["size_mb"] == size}) == 1 for size in {r["size_mb"] for r in runs}
+        ),
     }
 
 
@@ -218,25 +224,29 @@ def write_markdown(report: dict) -> None:
         "prepare` on real text (TinyStories, Tiny Shakespeare, Multi30k en+de; one document a line) repeated "
         f"to each size, byte-level BPE with {report['settings']['vocab_size']} tokens.",
         "",
-        f"Machine: {describe(m)}; workers 1 tokenizes in the process with `tokenizers`' own "
-        "threads (the default on <= 2 CPUs), 2 uses two worker processes; "
+        f"Machine: {describe(m)}; workers 1 tokenizes in the process with the encoder's own "
+        "threads (the default on <= 2 CPUs), 2 uses two worker processes; the encoder is `tokenizers` or "
+        "`tiktoken` over the same BPE (`--encoder`; `auto`, the default, takes tiktoken when its ids equal "
+        "`tokenizers`' on the first chunk); token counts equal for every encoder at each size: "
+        f"{'yes' if c.get('same_tokens_every_encoder', True) else 'NO'}; "
         f"tokenizers {m['tokenizers']}, Python {m['python']}; load average before/after "
         f"{report['loadavg_before']} / {report['loadavg_after']}.",
         "",
         f"Goals: >= {GOAL_MBPS} MB/s; peak RSS < {GOAL_RSS_MB} MB; MB per CPU-second and peak RSS within 20% "
         "from the smallest to the largest corpus.",
         "",
-        "| corpus MB | workers | MB/s | MB per CPU-second | peak RSS (tree) MB | tokens | seconds |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| corpus MB | encoder | workers | MB/s | MB per CPU-second | peak RSS (tree) MB | tokens | seconds |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mode = f"{r['workers']} (in-process)" if r["workers"] == 1 else f"{r['workers']} (processes)"
         lines.append(
-            f"| {r['text_mb']:.0f} | {mode} | {r['mb_per_s']:.2f} | {r['mb_per_cpu_s']:.2f} | "
+            f"| {r['text_mb']:.0f} | {r.get('encoder', 'tokenizers')} | {mode} | {r['mb_per_s']:.2f} | "
+            f"{r['mb_per_cpu_s']:.2f} | "
             f"{r['peak_rss_mb']:.0f} | {r['tokens']:,} | {r['seconds']:.1f} |"
         )
     ratios = "; ".join(
-        f"workers {w}: MB per CPU-second x{r['mb_per_cpu_s']}, peak RSS x{r['peak_rss']}"
+        f"{w}: MB per CPU-second x{r['mb_per_cpu_s']}, peak RSS x{r['peak_rss']}"
         for w, r in c["large_over_small"].items()
     )
     lines += [
@@ -259,6 +269,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[50, 200], help="corpus sizes in MB")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker settings to compare")
+    parser.add_argument(
+        "--encoders", nargs="+", default=["tokenizers", "tiktoken"], help="encoders to compare (--encoder of prepare)"
+    )
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument(
         "--data",
@@ -268,10 +281,10 @@ def main() -> None:
         help=f"folder holding {', '.join(SOURCES)} (default: ../shared/data)",
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from the JSON")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(*args.child[:3], int(args.child[3]))
+        return child(*args.child[:3], int(args.child[3]), args.child[4])
     if args.report_only:
         report = json.loads(RESULTS.read_text(encoding="utf-8"))
         report["checks"] = checks(report)
@@ -292,11 +305,12 @@ def main() -> None:
         for size in args.sizes:
             corpus = tmp_dir / f"corpus_{size:g}mb.txt"
             write_corpus(corpus, docs, size)
-            for workers in args.workers:
-                measured = run_once(corpus, tok_path, tmp_dir / "out", workers)
-                result = {"size_mb": size, "workers": workers, **measured}
-                print(json.dumps(result), flush=True)
-                runs.append(result)
+            for encoder in args.encoders:
+                for workers in args.workers:
+                    measured = run_once(corpus, tok_path, tmp_dir / "out", workers, encoder)
+                    result = {"size_mb": size, "workers": workers, **measured}
+                    print(json.dumps(result), flush=True)
+                    runs.append(result)
             corpus.unlink()
     cmd = "python bench/data_prepare.py" + ("" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:]))
     report = {

@@ -130,6 +130,21 @@ class Tokenizer:
         """Text of ``ids``; special tokens are dropped unless ``skip_special`` is False."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
+    def decode_continuation(self, context: Sequence[int], ids: Iterable[int], window: int = 8) -> str:
+        """Text of ``ids`` as it reads after ``context`` (the prompt and what came before).
+
+        Decoded alone, a continuation can lose its first character: SentencePiece-style decoders strip
+        the leading "▁" space of a text. Decoding the last ``window`` context tokens with it and removing
+        their own text keeps it.
+        """
+        ids = [int(i) for i in ids]
+        tail = [int(i) for i in context[-window:]] if window > 0 else []
+        if not tail:
+            return self.decode(ids)
+        before = self.decode(tail)
+        joined = self.decode(tail + ids)
+        return joined[len(before) :] if joined.startswith(before) else self.decode(ids)
+
     def _frame(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos:
             ids.insert(0, _require(self.bos_id, "bos"))

@@ -19,6 +19,9 @@ def data_prepare(
     workers: Annotated[int | None, typer.Option(help="Tokenizing processes; default by CPU count.")] = None,
     txt_mode: Annotated[str, typer.Option(help="Text files: 'line' or 'blank'(-line separated).")] = "line",
     field: Annotated[str, typer.Option(help="JSONL / Parquet field holding the text.")] = "text",
+    encoder: Annotated[
+        str, typer.Option(help="auto | tokenizers | tiktoken (the same ids, faster; auto checks them first).")
+    ] = "auto",
 ) -> None:
     """Tokenize documents into train/val token shards (+ document index and meta.json)."""
     from flashlm.data.shards import prepare_shards
@@ -32,6 +35,7 @@ def data_prepare(
         txt_mode=txt_mode,
         field=field,
         progress=True,
+        encoder=encoder,
     )
     for split, stats in meta["splits"].items():
         typer.echo(

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from flashlm.data.corpus import iter_documents, resolve_files
+from flashlm.data.fast_bpe import BatchEncoder, tiktoken_batch_encoder
 from flashlm.errors import ConfigError, DataError
 from flashlm.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -72,8 +73,13 @@ def prepare_shards(
     txt_mode: str = "line",
     field: str = "text",
     progress: bool = True,
+    encoder: str = "auto",
 ) -> dict:
     """Tokenize ``inputs`` (anything `iter_documents` reads) into shards in ``out_dir``; return the meta.
+
+    ``encoder``: "tokenizers", "tiktoken" (the same ids through `tiktoken`, see `flashlm.data.fast_bpe`)
+    or "auto": tiktoken when it can express the tokenizer and gives `tokenizers`' ids on the corpus's
+    first chunk, else tokenizers. The meta records which one ran.
 
     ``workers``: tokenizing processes; 1 tokenizes in this process (with `tokenizers`' threads).
     None picks 1 on machines with at most 2 CPUs (there `tokenizers`' own threads keep up with worker
@@ -90,14 +96,15 @@ def prepare_shards(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writers = {split: _SplitWriter(out, split, dtype) for split in SPLITS}
-    encoder = _Encoder(tok.backend, tok.eos_id, dtype, val_fraction)
+    encoder_name = _choose_encoder(encoder, tok, first[0][1] if first else [])
+    encoder = _Encoder(_batch_encoder(encoder_name, tok.to_str(), _cpus()), tok.eos_id, dtype, val_fraction)
     try:
         with _progress_bar(progress, _input_bytes(inputs)) as advance:
-            for result in _encode_all(chunks, encoder, tok.to_str(), n_workers):
+            for result in _encode_all(chunks, encoder, tok.to_str(), n_workers, encoder_name):
                 for split, part in result.items():
                     writers[split].append(part)
                 advance(sum(part[2] for part in result.values()))
-        meta = _meta(tok, dtype, val_fraction, writers)
+        meta = {**_meta(tok, dtype, val_fraction, writers), "encoder": encoder_name}
         _commit(out, writers, meta, tok)
     except BaseException:
         for writer in writers.values():
@@ -117,9 +124,40 @@ def _check_args(tok: Tokenizer, val_fraction: float, workers: int | None, chunk_
         raise ConfigError(f"chunk_docs must be at least 1, got {chunk_docs}")
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _default_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = _cpus()
     return 1 if cpus <= 2 else min(cpus, 8)
+
+
+ENCODERS = ("auto", "tokenizers", "tiktoken")
+
+
+def _batch_encoder(name: str, tokenizer_json: str, threads: int) -> BatchEncoder:
+    """Texts -> ids with `tokenizers` (its own thread pool) or tiktoken (``threads`` threads)."""
+    if name == "tiktoken":
+        encode = tiktoken_batch_encoder(tokenizer_json, threads=max(1, min(threads, 8)))
+        if encode is None:
+            raise ConfigError("encoder 'tiktoken' cannot express this tokenizer; use --encoder tokenizers")
+        return encode
+    backend = Tokenizer.from_str(tokenizer_json).backend
+    return lambda texts: [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+
+def _choose_encoder(requested: str, tok: Tokenizer, sample: list[str]) -> str:
+    """ "auto" takes tiktoken only when its ids equal `tokenizers`' on ``sample`` (the first chunk)."""
+    if requested not in ENCODERS:
+        raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    fast = tiktoken_batch_encoder(tok.to_str(), threads=_cpus())
+    if fast is None:
+        return "tokenizers"
+    same = fast(sample) == _batch_encoder("tokenizers", tok.to_str(), _cpus())(sample)
+    return "tiktoken" if same else "tokenizers"
 
 
 def _chunks(documents: Iterable[str], chunk_docs: int) -> Iterator[Chunk]:
@@ -138,12 +176,12 @@ def _chunks(documents: Iterable[str], chunk_docs: int) -> Iterator[Chunk]:
 class _Encoder:
     """Turns a chunk of documents into per-split token arrays (runs in workers or in-process)."""
 
-    def __init__(self, backend: Any, eos_id: int, dtype: np.dtype, val_fraction: float) -> None:
-        self.backend, self.eos_id, self.dtype, self.val_fraction = backend, eos_id, dtype, val_fraction
+    def __init__(self, encode_batch: BatchEncoder, eos_id: int, dtype: np.dtype, val_fraction: float) -> None:
+        self.encode_batch, self.eos_id, self.dtype, self.val_fraction = encode_batch, eos_id, dtype, val_fraction
 
     def __call__(self, chunk: Chunk) -> dict[str, Part]:
         start, docs = chunk
-        ids = [e.ids for e in self.backend.encode_batch_fast(docs, add_special_tokens=False)]
+        ids = self.encode_batch(docs)
         for seq in ids:
             seq.append(self.eos_id)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -162,12 +200,11 @@ class _Encoder:
 _WORKER_ENCODER: _Encoder | None = None
 
 
-def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, val_fraction: float) -> None:
+def _init_worker(tokenizer_json: str, encoder: str, eos_id: int, dtype: str, val_fraction: float) -> None:
     """Pool initializer: one single-threaded tokenizer per worker process."""
     global _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    backend = Tokenizer.from_str(tokenizer_json).backend
-    _WORKER_ENCODER = _Encoder(backend, eos_id, np.dtype(dtype), val_fraction)
+    _WORKER_ENCODER = _Encoder(_batch_encoder(encoder, tokenizer_json, 1), eos_id, np.dtype(dtype), val_fraction)
 
 
 def _encode_in_worker(chunk: Chunk) -> dict[str, Part]:
@@ -198,12 +235,14 @@ def _start_pool(workers: int, initargs: tuple) -> Iterator[Any]:
         yield pool
 
 
-def _encode_all(chunks: Iterator[Chunk], encoder: _Encoder, tok_json: str, workers: int) -> Iterator[dict]:
+def _encode_all(
+    chunks: Iterator[Chunk], encoder: _Encoder, tok_json: str, workers: int, encoder_name: str
+) -> Iterator[dict]:
     """Encode chunks in order: in this process, or in a spawn pool with a bounded number in flight."""
     if workers == 1:
         yield from map(encoder, chunks)
         return
-    initargs = (tok_json, encoder.eos_id, encoder.dtype.str, encoder.val_fraction)
+    initargs = (tok_json, encoder_name, encoder.eos_id, encoder.dtype.str, encoder.val_fraction)
     with _start_pool(workers, initargs) as pool:
         pending: deque = deque()
         for chunk in chunks:
