@@ -26,6 +26,29 @@ def export_hf_cmd(
     typer.echo(f"exported {model_dir} to {out}" + ("" if tokenizer else " (no tokenizer.json to copy)"))
 
 
+@export_app.command("gguf")
+def export_gguf_cmd(
+    model_dir: Annotated[
+        Path, typer.Argument(help="A FlashLM model directory (a checkpoint, runs/X/latest or runs/X).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The GGUF file to write (name ending in .gguf).")],
+    dtype: Annotated[str, typer.Option("--dtype", help="Type of the weight matrices: f32, f16 or bf16.")] = "f16",
+) -> None:
+    """Export to one GGUF file for llama.cpp (architecture llama or gemma3, tokenizer included)."""
+    from flashlm.errors import ConfigError
+    from flashlm.interop.gguf import GGUF_DTYPES, export_gguf
+    from flashlm.model.transformer import FlashLM
+
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    if not (model_dir / "config.json").is_file() and (model_dir / "latest" / "config.json").is_file():
+        model_dir = model_dir / "latest"  # a run folder: its newest checkpoint
+    model = FlashLM.from_pretrained(model_dir)
+    tokenizer = model_dir if (model_dir / "tokenizer.json").is_file() else None
+    export_gguf(model, out, tokenizer=tokenizer, dtype=dtype, name=model_dir.resolve().name)
+    typer.echo(f"exported {model_dir} to {out} ({model.cfg.flavour} flavour, {dtype})")
+
+
 @import_app.command("hf")
 def import_hf_cmd(
     hf_dir: Annotated[Path, typer.Argument(help="A local transformers checkpoint (gemma3_text or llama).")],
