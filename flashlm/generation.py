@@ -19,6 +19,7 @@ decoding). `sequence_logprob` scores a given continuation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -29,11 +30,19 @@ from flashlm.model.decoding import DecodeStep
 from flashlm.model.transformer import FlashLM
 
 DECODERS = ("fast", "compiled", "reference")
+# Ranges that keep the sampling math finite: logits / temperature and logits / penalty stay far from
+# fp32 overflow (|logits| of a trained model are at most a few hundred), so softmax never sees inf or NaN.
+TEMPERATURE_RANGE = (0.01, 2.0)  # or exactly 0: greedy
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
 
 
 @dataclass
 class Sampling:
-    """How to pick each next token. temperature 0 means greedy."""
+    """How to pick each next token. temperature 0 means greedy.
+
+    Out-of-range values raise ValueError naming the field: temperature 0 or in `TEMPERATURE_RANGE`,
+    repetition_penalty in `REPETITION_PENALTY_RANGE`, top_k >= 1 (values above the vocabulary keep every
+    token), top_p in (0, 1], max_new_tokens >= 0."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -45,17 +54,34 @@ class Sampling:
     stop_at_eos: bool = True
     prefix_lm: bool = False  # attend bidirectionally over the prompt (prefix-LM fine-tuned models)
 
+    def __post_init__(self) -> None:
+        low, high = TEMPERATURE_RANGE
+        if not (self.temperature == 0 or low <= self.temperature <= high):
+            raise ValueError(f"temperature must be 0 (greedy) or in [{low}, {high}], got {self.temperature}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be in [{low}, {high}], got {self.repetition_penalty}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens}")
+
 
 def next_token_scores(logits: torch.Tensor, history: torch.Tensor | None, s: Sampling) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k and top-p to logits [B, V] (fp32)."""
+    """Apply repetition penalty, temperature, top-k and top-p to logits [B, V] (fp32). The penalty and
+    temperature are clamped into their ranges here too, so a `Sampling` altered after its checks cannot
+    push the scores to inf."""
     logits = logits.float()
     if s.repetition_penalty != 1.0 and history is not None:
+        penalty = min(max(s.repetition_penalty, REPETITION_PENALTY_RANGE[0]), REPETITION_PENALTY_RANGE[1])
         seen = torch.gather(logits, 1, history)
-        seen = torch.where(seen > 0, seen / s.repetition_penalty, seen * s.repetition_penalty)
+        seen = torch.where(seen > 0, seen / penalty, seen * penalty)
         logits = logits.scatter(1, history, seen)
-    if s.temperature <= 0:
+    if not s.temperature > 0:  # 0 (greedy), or NaN
         return logits
-    logits = logits / s.temperature
+    logits = logits / min(max(s.temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
     if s.top_k is not None and s.top_k < logits.shape[-1]:
         kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,10 +95,24 @@ def next_token_scores(logits: torch.Tensor, history: torch.Tensor | None, s: Sam
 
 
 def pick(scores: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    if s.temperature <= 0:
-        return scores.argmax(-1)
+    """The next token of each row: the best score when greedy, else a draw from `safe_probs(scores)`."""
+    if not s.temperature > 0:
+        return torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).argmax(-1)
+    return torch.multinomial(safe_probs(scores), 1, generator=generator).squeeze(-1)
+
+
+def safe_probs(scores: torch.Tensor) -> torch.Tensor:
+    """softmax(scores) [B, V] that `torch.multinomial` always accepts: NaN scores count as -inf, a row
+    with +inf scores puts its mass evenly on them, and a row with no finite score (all -inf or NaN) puts
+    it all on its first token instead of dividing by zero."""
+    scores = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    infinite = torch.isposinf(scores)
+    scores = torch.where(infinite.any(-1, keepdim=True), torch.where(infinite, 0.0, float("-inf")), scores)
     probs = scores.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    empty = ~torch.isfinite(probs).all(-1, keepdim=True)
+    fallback = torch.zeros_like(probs)
+    fallback[:, 0] = 1.0
+    return torch.where(empty, fallback, probs)
 
 
 @torch.no_grad()
@@ -385,6 +425,14 @@ class StopStrings:
         return piece
 
 
+def decode_after(tokenizer, context: Sequence[int], ids: Sequence[int]) -> str:
+    """Text of the continuation ``ids`` as it reads after ``context`` (`Tokenizer.decode_continuation`):
+    decoded alone, a SentencePiece continuation loses its leading space. Tokenizers without that method
+    (any object with ``decode``) decode the continuation alone."""
+    decode_continuation = getattr(tokenizer, "decode_continuation", None)
+    return tokenizer.decode(ids) if decode_continuation is None else decode_continuation(context, ids)
+
+
 def stream(
     model: FlashLM, tokenizer, prompt: str, sampling: Sampling, add_bos: bool = True, decoder: str = "fast"
 ) -> Iterator[str]:
@@ -399,7 +447,7 @@ def stream(
         if token is None or (token == tokenizer.eos_id and sampling.stop_at_eos):
             break
         produced.append(token)
-        text = tokenizer.decode(produced)
+        text = decode_after(tokenizer, ids, produced)
         if piece := held.feed(text):
             yield piece
         if held.stopped:
@@ -429,8 +477,8 @@ def generate(
             if token is not None and not (sampling.stop_at_eos and token == tokenizer.eos_id):
                 outputs[row].append(token)
     results = []
-    for ids in outputs:
-        text = tokenizer.decode(ids)
+    for context, ids in zip(encoded, outputs, strict=True):
+        text = decode_after(tokenizer, context, ids)
         cut = _stop_index(text, sampling.stop)
         results.append(text if cut is None else text[:cut])
     return results[0] if single else results
@@ -452,12 +500,14 @@ __all__ = [
     "StopStrings",
     "beam_search",
     "beam_search_core",
+    "decode_after",
     "generate",
     "generate_tokens",
     "greedy_decode",
     "length_batches",
     "next_token_scores",
     "pick",
+    "safe_probs",
     "sequence_logprob",
     "stream",
 ]

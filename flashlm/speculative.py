@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from flashlm.errors import CheckpointError, ConfigError
-from flashlm.generation import DECODERS, Sampling, StopStrings, next_token_scores, pick
+from flashlm.generation import DECODERS, Sampling, StopStrings, decode_after, next_token_scores, pick
 from flashlm.model.cache import KVCache
 from flashlm.model.chunk_step import ChunkStep
 from flashlm.model.decoding import DecodeStep
@@ -245,7 +245,7 @@ def speculative_stream(
         if token == tokenizer.eos_id and sampling.stop_at_eos:
             break
         produced.append(token)
-        text = tokenizer.decode(produced)
+        text = decode_after(tokenizer, ids, produced)
         if piece := held.feed(text):
             yield piece
         if held.stopped:

@@ -5,6 +5,12 @@ Unicode string round-trips: ``decode(encode(s)) == s``. Trained tokenizers reser
 ``<pad> <bos> <eos> <mask> <sep>``; the saved ``tokenizer.json`` loads unchanged in
 ``transformers.PreTrainedTokenizerFast(tokenizer_file=...)``.
 
+FlashLM frames every document ``<bos> … <eos>`` (the shards, generation, serving and evaluation all put
+``<bos>`` first, as Gemma and Llama do). A trained ``tokenizer.json`` says so itself: its post-processor
+(`add_bos_post_processor`) puts ``<bos>`` before a text whenever special tokens are added, so
+``transformers``' ``tokenizer("text")`` starts with it too. `encode` never runs the post-processor:
+``add_bos``/``add_eos`` decide.
+
 Special-token strings in raw text (a document that literally contains ``"<eos>"``) are encoded as
 ordinary text, never as the special id: only ``add_bos``/``add_eos`` (and the data pipeline) insert
 special ids, so user text cannot forge document boundaries. ``transformers`` does the same when
@@ -20,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from flashlm.errors import ConfigError, DataError
 
@@ -79,6 +85,7 @@ class Tokenizer:
             show_progress=show_progress,
         )
         backend.train_from_iterator(documents, trainer=trainer)
+        add_bos_post_processor(backend)
         tok = cls(backend)
         assert [tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.sep_id] == list(range(5))
         return tok
@@ -202,6 +209,23 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:8]})"
 
 
+def add_bos_post_processor(backend: tokenizers.Tokenizer) -> bool:
+    """Give ``backend`` a post-processor that puts its bos token (``<bos>`` or ``<s>``) before every text
+    (and before the second text of a pair), the framing FlashLM trains with; return whether it did.
+
+    Kept when ``backend`` already has a post-processor, and not added when it has no bos token. This is
+    the template `transformers` itself builds for ``add_bos_token: true``.
+    """
+    bos_id = _first_id(backend, _ROLE_NAMES["bos"])
+    if bos_id is None or backend.post_processor is not None:
+        return False
+    bos = backend.id_to_token(bos_id)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+    )
+    return True
+
+
 def _first_id(backend: tokenizers.Tokenizer, names: tuple[str, ...]) -> int | None:
     for name in names:
         token_id = backend.token_to_id(name)
@@ -226,4 +250,5 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TOKENIZER_FILE",
     "Tokenizer",
+    "add_bos_post_processor",
 ]

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flashlm"
 LAYERS = [
     ["flashlm.errors", "flashlm.hardware", "flashlm.config"],
     ["flashlm.model"],
-    ["flashlm.tokenizer", "flashlm.data"],
+    ["flashlm.tokenizer", "flashlm.data", "flashlm.chat"],
     ["flashlm.generation", "flashlm.speculative", "flashlm.explain", "flashlm.interop"],
     ["flashlm.training"],
     ["flashlm.evaluate"],

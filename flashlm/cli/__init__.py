@@ -5,7 +5,8 @@ One module per command group: `tokenizer`, `data`, `model` (generate, plan, expl
 `serving` (serve, chat); `common` holds what they share. Each command parses its options, calls the
 library and prints; the library is imported inside the commands, so `flashlm --help` stays fast.
 
-User mistakes raise `FlashLMError`; `main` prints its message on one line and exits with code 2.
+User mistakes raise `FlashLMError`; `main` prints its message on one line and exits with code 2; Ctrl-C
+exits with 130 and one line.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from flashlm.cli.tokenizer import tokenizer_app, tokenizer_train
 from flashlm.cli.train import TIMED_STEP_CAP, demo, distill_app, distill_cache, distill_command, train_command
 from flashlm.errors import FlashLMError
 
+INTERRUPTED = 130  # the shell's exit status for a process ended by SIGINT
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
@@ -64,9 +67,11 @@ app.add_typer(distill_app, name="distill")
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one clear line and exit code 2."""
+    """Entry point: run the app, turning user errors into one clear line and exit code 2, and Ctrl-C into
+    one line and exit code 130 (typer answers a KeyboardInterrupt with 130 as the return value). A training
+    run stopped by a signal saves a checkpoint, prints how to resume and exits with 128 + the signal itself."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except FlashLMError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -74,8 +79,7 @@ def main() -> None:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
     except (typer.Abort, KeyboardInterrupt):
-        console.print("aborted")
-        sys.exit(130)
+        code = INTERRUPTED
     except Exception as exc:  # click usage errors
         import click
 
@@ -83,6 +87,9 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == INTERRUPTED:
+        console.print("interrupted (Ctrl-C)", highlight=False)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = [

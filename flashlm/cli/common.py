@@ -1,8 +1,11 @@
-"""What several command groups share: the stderr console, the --precision check, device and model loading,
-the one-line result echo and the masked-prediction convention option."""
+"""What several command groups share: the stderr console, the --precision check, device and model loading
+(with the tokenizer-fits-the-model check), the writable-output check, the one-line result echo and the
+masked-prediction convention option."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import typer
@@ -34,11 +37,63 @@ def eval_device(device: str) -> str:
 
 def eval_load(model_dir: Path, device: str, tokenizer: bool = True):
     """(model, tokenizer) of a model directory, on `device`."""
+    return load_model(model_dir, tokenizer, device=eval_device(device))
+
+
+def load_model(model_dir: Path, tokenizer: bool = True, **kwargs):
+    """(model, tokenizer or None) of a model directory (`kwargs` go to `FlashLM.from_pretrained`); a tokenizer
+    with more ids than the model's vocabulary is refused here, not as an IndexError mid-generation."""
+    from flashlm.errors import CheckpointError
     from flashlm.model.transformer import FlashLM
     from flashlm.tokenizer import Tokenizer
 
-    model = FlashLM.from_pretrained(model_dir, device=eval_device(device))
-    return model, Tokenizer.load(model_dir) if tokenizer else None
+    model = FlashLM.from_pretrained(model_dir, **kwargs)
+    if not tokenizer:
+        return model, None
+    tok = Tokenizer.load(model_dir)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise CheckpointError(
+            f"{model_dir}: its tokenizer has {tok.vocab_size} ids but the model's vocabulary has only "
+            f"{model.cfg.vocab_size}; put the tokenizer the model was trained with in the folder"
+        )
+    return model, tok
+
+
+def writable_dir(path: Path | str, option: str = "--out", keep: bool = False) -> Path:
+    """`path` as a folder this process can write in, checked before any work starts (folders are created to
+    probe it, then removed again unless `keep`: a refused command leaves nothing behind); else a one-line
+    FlashLMError naming `option`. `keep` suits commands run by several processes at once (torchrun ranks)."""
+    from flashlm.errors import FlashLMError
+
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".flashlm-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise FlashLMError(f"{option}: cannot write in {path} ({reason}); choose a folder you can write to") from None
+    finally:
+        for folder in [] if keep else created:
+            try:
+                folder.rmdir()
+            except OSError:  # not made by us after all, or no longer empty
+                break
+    return path
+
+
+def writable_out(value: Path | None) -> Path | None:
+    """A typer callback for an --out folder option: `writable_dir` at parse time, before the command runs."""
+    return None if value is None else writable_dir(value, "--out")
+
+
+def writable_parent(value: Path | None) -> Path | None:
+    """A typer callback for an --out file option: its folder must be writable (checked at parse time)."""
+    if value is not None:
+        writable_dir(Path(value).parent, "--out")
+    return value
 
 
 def eval_echo(task: str, results: dict, path: Path, keys: tuple[str, ...]) -> None:

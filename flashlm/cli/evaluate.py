@@ -15,6 +15,7 @@ from flashlm.cli.common import (
     eval_echo,
     eval_load,
     next_token_convention,
+    writable_out,
 )
 from flashlm.tasks.babi_config import ALL_TASKS as ALL_BABI_TASKS
 from flashlm.tasks.babi_config import TASK_GROUPS, BabiConfig, format_groups
@@ -49,7 +50,7 @@ def eval_ppl(
     txt_mode: Annotated[str, typer.Option(help="Text documents: 'blank' or 'line' separated.")] = "blank",
     field: Annotated[str, typer.Option(help="JSONL / Parquet field holding the text.")] = "text",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
     """Loss, perplexity and bits per byte with a sliding window."""
     from flashlm.data.corpus import resolve_files
@@ -58,10 +59,19 @@ def eval_ppl(
 
     paths = resolve_files([str(f) for f in files])
     model, tokenizer = eval_load(model_dir, device)
+    _check_window(seq_len, model.cfg.max_seq_len)
     results = perplexity(model, tokenizer, read_texts(paths, txt_mode, field), seq_len, stride, batch_size)
     settings = {"seq_len": results["seq_len"], "stride": results["stride"], "txt_mode": txt_mode}
     path = write_result(out, "ppl", results, model=str(model_dir), data=paths, settings=settings)
     eval_echo("ppl", results, path, ("loss", "ppl", "bpb", "tokens"))
+
+
+def _check_window(seq_len: int | None, context: int) -> None:
+    """--seq-len must fit the model: a longer window would only allocate memory for positions it never had."""
+    from flashlm.errors import ConfigError
+
+    if seq_len is not None and not 2 <= seq_len <= context:
+        raise ConfigError(f"--seq-len: {seq_len} is outside 2..{context} (the model's context); use at most {context}")
 
 
 @eval_app.command("cloze")
@@ -70,7 +80,7 @@ def eval_cloze(
     file: Annotated[Path, typer.Argument(help="One passage a line; the target is the last word.")],
     batch_size: Annotated[int, typer.Option(help="Passages per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
     """Accuracy of greedily predicting each passage's last word, and the word's perplexity."""
     from flashlm.errors import DataError
@@ -95,7 +105,7 @@ def eval_efficiency(
     new_tokens: Annotated[int, typer.Option(help="Generated tokens.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
-    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
     """Parameters, FLOPs per token, prefill/decode speed, latency, peak memory and KV-cache size."""
     from flashlm.config import PRESETS, get_preset
@@ -178,7 +188,7 @@ def eval_longrange(
     threads: Annotated[
         int, typer.Option(help="CPU threads for torch (1: best for these tiny models).")
     ] = LongRangeConfig.threads,
-    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
     """Passkey retrieval and MQAR on small models trained here, local/global vs all-global; KV bytes."""
     from flashlm.tasks.longrange import write_longrange
@@ -207,7 +217,9 @@ def eval_all(
     model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
     data: Annotated[list[Path] | None, typer.Option(help="Text files for perplexity (repeatable).")] = None,
     cloze_file: Annotated[Path | None, typer.Option("--cloze", help="A LAMBADA-format file.")] = None,
-    out: Annotated[Path, typer.Option(help="Results directory (report.md goes here).")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="Results directory (report.md goes here).", callback=writable_out)] = Path(
+        "results"
+    ),
     quick: Annotated[bool, typer.Option(help="Small data and budgets: a report in a few minutes.")] = False,
     minutes: Annotated[
         float | None,
@@ -253,7 +265,7 @@ LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate (default: 
 SeedOpt = Annotated[int, typer.Option(help="Seed for the model, tokenizer and shuffling.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (1 suits small models and shared CPUs).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]
-OutOpt = Annotated[Path, typer.Option(help="Results directory.")]
+OutOpt = Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)]
 SaveOpt = Annotated[Path | None, typer.Option(help="Keep the fine-tuned model (and tokenizer) here.")]
 PrecisionOpt = Annotated[
     str,
@@ -493,7 +505,7 @@ def eval_mlm(
     next_token: Annotated[bool | None, CONVENTION] = None,
     seed: Annotated[int, typer.Option(help="Seed of the masks.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
     """Masked-token accuracy on fixed held-out windows (and a unigram baseline)."""
     from flashlm.evaluate.masked import mlm_accuracy, open_split
@@ -527,7 +539,7 @@ def eval_nsp(
     pairs: Annotated[int, typer.Option(help="Fixed <bos> A <sep> B <eos> pairs.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the pairs.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
     """Next-sentence-prediction accuracy on fixed held-out pairs (half true continuations)."""
     from flashlm.evaluate.masked import nsp_accuracy, open_split

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import CONVENTION, INFERENCE_PRECISION, check_precision, eval_load, next_token_convention
+from flashlm.cli.common import (
+    CONVENTION,
+    INFERENCE_PRECISION,
+    check_precision,
+    console,
+    eval_load,
+    load_model,
+    next_token_convention,
+    writable_out,
+)
 
 
 def generate(
@@ -40,27 +49,30 @@ def generate(
     ] = False,
 ) -> None:
     """Generate text from a model, streaming tokens to the terminal."""
+    from flashlm.errors import ConfigError
     from flashlm.generation import Sampling, stream
     from flashlm.generation import generate as generate_batch
     from flashlm.hardware import dtype_of, resolve_precision
-    from flashlm.model.transformer import FlashLM
     from flashlm.speculative import load_draft, speculative_generate, speculative_stream
-    from flashlm.tokenizer import Tokenizer
 
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     dtype = dtype_of(resolve_precision(check_precision(precision), "cpu"))
-    model = FlashLM.from_pretrained(model_dir, dtype=dtype)
-    tokenizer = Tokenizer.load(model_dir)
+    model, tokenizer = load_model(model_dir, dtype=dtype)
     draft_model = None if draft is None else load_draft(draft, model, tokenizer, dtype=dtype)
-    sampling = Sampling(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        stop=tuple(stop or ()),
-        seed=seed,
-        prefix_lm=prefix_lm,
-    )
+    try:
+        sampling = Sampling(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            stop=tuple(stop or ()),
+            seed=seed,
+            prefix_lm=prefix_lm,
+        )
+    except ValueError as exc:  # Sampling's own range checks, when it has them: one line, not a traceback
+        raise ConfigError(" ".join(str(exc).split())) from None
+    prompt = [fit_prompt(tokenizer, text, model.cfg.max_seq_len, max_new_tokens) for text in prompt]
     decoder = "compiled" if compile else "fast"
     if len(prompt) == 1:
         typer.echo(prompt[0], nl=False)
@@ -78,6 +90,53 @@ def generate(
         completions = speculative_generate(model, draft_model, tokenizer, prompt, sampling, lookahead)
     for text, completion in zip(prompt, completions, strict=True):
         typer.echo(f"{text}{completion}\n")
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float
+) -> None:
+    """The sampling options' ranges, each refused with one line naming the option."""
+    import math
+
+    from flashlm.errors import ConfigError
+
+    checks = (
+        ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, "at least 1"),
+        ("--temperature", temperature, math.isfinite(temperature) and temperature >= 0, "0 (greedy) or more"),
+        ("--top-k", top_k, top_k is None or top_k >= 1, "at least 1"),
+        ("--top-p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1]"),
+        (
+            "--repetition-penalty",
+            repetition_penalty,
+            math.isfinite(repetition_penalty) and repetition_penalty > 0,
+            "> 0",
+        ),
+    )
+    for option, value, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{option}: got {value}; it must be {allowed}")
+
+
+def fit_prompt(tokenizer, text: str, context: int, max_new_tokens: int) -> str:
+    """`text`, or its end when it fills the model's context: the last tokens that fit with room for up to
+    `max_new_tokens` (at most half the context) new ones, said on stderr in one line."""
+    ids = tokenizer.encode(text, add_bos=True)
+    if len(ids) < context:  # room for at least one new token: generation itself caps the rest
+        return text
+    room = min(max_new_tokens, context // 2)
+    keep = context - room - 1  # <bos> comes first
+    kept = tokenizer.decode(ids[-keep:])
+    while keep > 1 and len(tokenizer.encode(kept, add_bos=True)) > context - room:  # re-encoding may merge
+        keep -= 1
+        kept = tokenizer.decode(ids[-keep:])
+    console.print(
+        f"note: the prompt is {len(ids) - 1} tokens and the model's context {context}; "
+        f"kept its last {keep} tokens to leave room for {room} new ones",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    return kept
 
 
 def plan_command(
@@ -110,16 +169,16 @@ def explain_command(
     target: Annotated[
         str | None, typer.Option(help="Next token to explain (e.g. ' cat'); default the likeliest.")
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and explain.json.")] = Path("explain"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the PNGs and explain.json.", callback=writable_out)
+    ] = Path("explain"),
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Attention maps and token saliency for a text: attention.png, attention_grid.png, saliency.png, JSON."""
     from flashlm.explain import save_explanation
-    from flashlm.model.transformer import FlashLM
-    from flashlm.tokenizer import Tokenizer
 
-    model = FlashLM.from_pretrained(model_dir, device=device)
-    paths = save_explanation(model, Tokenizer.load(model_dir), text, out, layer=layer, head=head, target=target)
+    model, tokenizer = load_model(model_dir, device=device)
+    paths = save_explanation(model, tokenizer, text, out, layer=layer, head=head, target=target)
     for path in paths.values():
         typer.echo(str(path))
 

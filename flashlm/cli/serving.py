@@ -24,16 +24,48 @@ def serve(
         Path | None,
         typer.Option(
             help="A smaller model with the same tokenizer (e.g. a student distilled from this one): every "
-            "request then decodes speculatively (same text greedily, same distribution when sampling)."
+            "request then decodes speculatively (same text greedily, same distribution when sampling), one "
+            "request at a time (--batching does not apply)."
         ),
     ] = None,
     lookahead: Annotated[int, typer.Option(min=1, help="Tokens the draft proposes per check (with --draft).")] = 4,
+    batching: Annotated[
+        str,
+        typer.Option(
+            help="continuous: concurrent requests share each decode step (joining and leaving at any step); "
+            "serial: one request at a time."
+        ),
+    ] = "continuous",
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Most requests decoded together (--batching continuous); others wait.")
+    ] = 16,
+    max_request_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body accepted; bigger ones get 413.")
+    ] = 1_048_576,
+    max_queue: Annotated[
+        int,
+        typer.Option(min=1, help="Most generation requests running or waiting at once; more get 429 + Retry-After."),
+    ] = 64,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLASHLM_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on every endpoint but / and /health.",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow a non-loopback --host without --api-key (open to anyone).")
+    ] = False,
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web playground (/)."""
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web playground (/).
+    Limits and options: docs/serving.md."""
     from flashlm.serve.app import serve as run_server
+    from flashlm.serve.guard import check_exposure, is_loopback
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can use the model")
+    check_exposure(host, api_key, insecure)  # one line, before the model loads
+    if not is_loopback(host) and not api_key:
+        console.print(f"[yellow]warning:[/] listening on {host} with no API key: anyone who can reach it can use it")
     run_server(
         model_dir,
         host=host,
@@ -43,7 +75,21 @@ def serve(
         precision=check_precision(precision),
         draft_dir=draft,
         lookahead=lookahead,
+        batching=_batching(batching),
+        max_batch=max_batch,
+        max_request_bytes=max_request_bytes,
+        max_queue=max_queue,
+        api_key=api_key,
+        insecure=insecure,
     )
+
+
+def _batching(value: str) -> str:
+    from flashlm.errors import ConfigError
+
+    if value not in ("continuous", "serial"):
+        raise ConfigError(f"--batching must be continuous or serial, got {value!r}")
+    return value
 
 
 def chat(
@@ -59,18 +105,22 @@ def chat(
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
 ) -> None:
     """Chat in the terminal: one message a line ("User: …\\nAssistant:" template); /reset, /exit or EOF."""
+    from flashlm.errors import ConfigError
     from flashlm.generation import Sampling
     from flashlm.serve.engine import Engine, chat_repl
 
+    try:  # Sampling's range checks, before the model loads: one line naming the value
+        sampling = Sampling(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"chat: {exc}") from None
     engine = Engine.load(model_dir, device=device, precision=check_precision(precision))
-    sampling = Sampling(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(f"chatting with {engine.name}; /reset clears the conversation, /exit or Ctrl-D ends it", err=True)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import eval_device
+from flashlm.cli.common import console, eval_device, writable_dir, writable_out
 
 TIMED_STEP_CAP = 10**9  # --minutes without train.steps: the clock alone ends the run
 
@@ -17,16 +17,38 @@ distill_app = typer.Typer(
 )
 
 
-def _echo_summary(summary: dict) -> None:
-    """The end of a run (rank 0 only): last step and loss, where the checkpoint and metrics are."""
+def _echo_summary(summary: dict, resume: list[str]) -> None:
+    """The end of a run (rank 0 only): last step and loss, where the checkpoint and metrics are. A run stopped
+    by SIGINT / SIGTERM (checkpoint saved) also says, on stderr, the command that resumes it (`resume`: this
+    command's arguments), and exits with 128 + the signal's number, as the shell reports a killed process."""
     import os
+    import shlex
+    import sys
 
-    if int(os.environ.get("RANK", 0)) == 0:
+    main = int(os.environ.get("RANK", 0)) == 0
+    if main:
         loss = f"{summary['loss']:.4f}" if summary["loss"] is not None else "-"
         typer.echo(
             f"step {summary['step']}: loss {loss}; checkpoint {summary['checkpoint']} "
             f"(also {summary['out']}/latest); metrics in {summary['out']}/metrics.jsonl"
         )
+    if summary.get("signal"):
+        if main:
+            command = shlex.join(["flashlm", *resume, *([] if "--resume" in resume else ["--resume"])])
+            console.print(
+                f"stopped by {summary['stopped_by']} after step {summary['step']}, checkpoint saved; "
+                f"resume with: {command}",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
+        sys.exit(128 + summary["signal"])
+
+
+def _command_line(command: list[str], config: Path, overrides: list[str] | None, *extra: str) -> list[str]:
+    """The arguments of a training command as typed, for the resume hint."""
+    sets = [arg for setting in overrides or () for arg in ("--set", setting)]
+    return [*command, "--config", str(config), *sets, *extra]
 
 
 def train_command(
@@ -48,13 +70,16 @@ def train_command(
     from flashlm.training import train
 
     settings = list(overrides or [])
+    extra = (["--minutes", f"{minutes:g}"] if minutes is not None else []) + (["--resume"] if resume else [])
     if resume:
         settings.append("train.resume=true")
     if minutes is not None:
         settings.append(f"train.minutes={minutes}")
         if not any(s.startswith("train.steps=") for s in settings):
             settings.append(f"train.steps={TIMED_STEP_CAP}")
-    _echo_summary(train(load_run_config(config, settings)))
+    cfg = load_run_config(config, settings)
+    writable_dir(cfg.train.out, "train.out", keep=True)  # before any work; kept, as torchrun ranks share it
+    _echo_summary(train(cfg, stop_on_signals=True), _command_line(["train"], config, overrides, *extra))
 
 
 @distill_app.callback(invoke_without_command=True)
@@ -87,14 +112,20 @@ def distill_command(
             f"distill: {config} has no distill: section; add one with distill.teacher "
             "(see configs/distill-tiny.yaml) or use `flashlm train`"
         )
-    _echo_summary(train(cfg))
+    writable_dir(cfg.train.out, "train.out", keep=True)
+    _echo_summary(
+        train(cfg, stop_on_signals=True),
+        _command_line(["distill"], config, overrides, *(["--resume"] if resume else [])),
+    )
 
 
 @distill_app.command("cache")
 def distill_cache(
     teacher: Annotated[Path, typer.Argument(help="The teacher: a FlashLM checkpoint or local transformers dir.")],
     data: Annotated[Path, typer.Argument(help="Token shards from `flashlm data prepare`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the cache (rerun to resume).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Directory for the cache (rerun to resume).", callback=writable_out)
+    ],
     top_k: Annotated[int, typer.Option(help="Token ids kept per position.")] = 64,
     seq_len: Annotated[
         int | None,
@@ -124,7 +155,7 @@ def distill_cache(
 def demo(
     data: Annotated[list[str] | None, typer.Option(help="Your own text/JSONL/Parquet files (repeatable).")] = None,
     minutes: Annotated[float, typer.Option(help="Approximate total budget.")] = 5.0,
-    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="Run folder.", callback=writable_out)] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Seed for the corpus, sampling and training.")] = 0,
 ) -> None:
     """The whole pipeline in minutes: tokenizer, shards, pre-training, distillation, evaluation, samples."""

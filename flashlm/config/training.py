@@ -176,6 +176,9 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     tensorboard: bool = False
+    wandb: bool = False  # Weights & Biases: the same scalars as TensorBoard (pip install wandb)
+    wandb_project: str = "flashlm"
+    wandb_mode: str = ""  # offline | online | disabled; "": the WANDB_MODE variable, else offline
     objective: str = "clm"  # a name in flashlm.training.objectives.OBJECTIVES
     objectives: dict[str, ObjectiveTerm] = field(default_factory=dict)  # hybrid mix {term: {ratio, ...}}
     masking: MaskingConfig = field(default_factory=MaskingConfig)  # masked-LM settings
@@ -236,6 +239,12 @@ class TrainConfig:
         need(self.distributed in ("ddp", "fsdp"), "distributed", f"must be ddp or fsdp, got {self.distributed!r}")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         need(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        need(
+            self.wandb_mode in ("", "offline", "online", "disabled"),
+            "wandb_mode",
+            f"must be offline, online or disabled (empty: WANDB_MODE, else offline), got {self.wandb_mode!r}",
+        )
+        need(bool(str(self.wandb_project).strip()), "wandb_project", "must be a project name, got an empty one")
         need(
             isinstance(self.resume, (bool, str)),
             "resume",

@@ -119,12 +119,13 @@ def nsp_pair(
     Label 1 keeps B; label 0 takes B from another document instead, a segment of the same length that
     ends as far from its document's end and starts after its document's start, so that nothing but the
     text tells the labels apart: where B ends (often at a document's end) and how long it is are the
-    same in both. Segments never include a document's trailing <eos>.
+    same in both. Segments never include a document's leading <bos> or trailing <eos>.
     """
     budget = length - 3
     n_docs = len(doc_offsets) - 1
     doc = int(rng.integers(n_docs))
     start, end = int(doc_offsets[doc]), int(doc_offsets[doc + 1]) - 1  # drop the <eos>
+    start += int(start < end and tokens[start] == bos_id)  # and the document's own <bos> (shards frame both)
     span = min(end - start, budget)
     a_start = start + int(rng.integers(0, end - start - span + 1))
     split = int(rng.integers(1, span)) if span >= 2 else 1

@@ -1,10 +1,12 @@
 """Tokenize a corpus into memory-mapped token shards with a document index.
 
 Layout of a shard directory, per split (``train``, ``val``):
-  * ``{split}.bin``: the token ids of every document followed by ``<eos>``, uint16 (vocab <= 65536)
-    or uint32, native little-endian, no header.
+  * ``{split}.bin``: the token ids of every document framed ``<bos> … <eos>`` (as Gemma and Llama
+    train; ``<bos>`` only when the tokenizer has one), uint16 (vocab <= 65536) or uint32, native
+    little-endian, no header. Generation, serving, ``eval ppl`` and exported tokenizers put the same
+    ``<bos>`` before a text.
   * ``{split}.idx``: int64 offsets into ``.bin``: the start of every document, then the end.
-  * ``meta.json``: format version, dtype, vocab size, eos id, tokenizer fingerprint and, per split,
+  * ``meta.json``: format version, dtype, vocab size, bos and eos ids, tokenizer fingerprint and, per split,
     ``docs``, ``tokens`` and ``text_bytes`` (UTF-8 bytes of the document texts, separators excluded,
     for bits-per-byte).
 
@@ -47,7 +49,7 @@ CHUNK_CHARS = 4_000_000  # a chunk also ends once its documents hold this many c
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio
 
 Chunk = tuple[int, list[str]]  # (index of the first document, documents)
-Part = tuple[np.ndarray, np.ndarray, int]  # (tokens, document lengths incl. eos, text bytes)
+Part = tuple[np.ndarray, np.ndarray, int]  # (tokens, document lengths incl. bos and eos, text bytes)
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -97,7 +99,8 @@ def prepare_shards(
     out.mkdir(parents=True, exist_ok=True)
     writers = {split: _SplitWriter(out, split, dtype) for split in SPLITS}
     encoder_name = _choose_encoder(encoder, tok, first[0][1] if first else [])
-    encoder = _Encoder(_batch_encoder(encoder_name, tok.to_str(), _cpus()), tok.eos_id, dtype, val_fraction)
+    frame = (tok.bos_id, tok.eos_id)
+    encoder = _Encoder(_batch_encoder(encoder_name, tok.to_str(), _cpus()), frame, dtype, val_fraction)
     try:
         with _progress_bar(progress, _input_bytes(inputs)) as advance:
             for result in _encode_all(chunks, encoder, tok.to_str(), n_workers, encoder_name):
@@ -176,14 +179,16 @@ def _chunks(documents: Iterable[str], chunk_docs: int) -> Iterator[Chunk]:
 class _Encoder:
     """Turns a chunk of documents into per-split token arrays (runs in workers or in-process)."""
 
-    def __init__(self, encode_batch: BatchEncoder, eos_id: int, dtype: np.dtype, val_fraction: float) -> None:
-        self.encode_batch, self.eos_id, self.dtype, self.val_fraction = encode_batch, eos_id, dtype, val_fraction
+    def __init__(
+        self, encode_batch: BatchEncoder, frame: tuple[int | None, int], dtype: np.dtype, val_fraction: float
+    ) -> None:
+        self.encode_batch, self.frame, self.dtype, self.val_fraction = encode_batch, frame, dtype, val_fraction
 
     def __call__(self, chunk: Chunk) -> dict[str, Part]:
         start, docs = chunk
-        ids = self.encode_batch(docs)
-        for seq in ids:
-            seq.append(self.eos_id)
+        bos, eos = self.frame
+        head = [] if bos is None else [bos]
+        ids = [[*head, *seq, eos] for seq in self.encode_batch(docs)]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
         nbytes = np.fromiter((len(d.encode("utf-8")) for d in docs), dtype=np.int64, count=len(docs))
@@ -200,11 +205,13 @@ class _Encoder:
 _WORKER_ENCODER: _Encoder | None = None
 
 
-def _init_worker(tokenizer_json: str, encoder: str, eos_id: int, dtype: str, val_fraction: float) -> None:
+def _init_worker(
+    tokenizer_json: str, encoder: str, frame: tuple[int | None, int], dtype: str, val_fraction: float
+) -> None:
     """Pool initializer: one single-threaded tokenizer per worker process."""
     global _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    _WORKER_ENCODER = _Encoder(_batch_encoder(encoder, tokenizer_json, 1), eos_id, np.dtype(dtype), val_fraction)
+    _WORKER_ENCODER = _Encoder(_batch_encoder(encoder, tokenizer_json, 1), frame, np.dtype(dtype), val_fraction)
 
 
 def _encode_in_worker(chunk: Chunk) -> dict[str, Part]:
@@ -242,7 +249,7 @@ def _encode_all(
     if workers == 1:
         yield from map(encoder, chunks)
         return
-    initargs = (tok_json, encoder_name, encoder.eos_id, encoder.dtype.str, encoder.val_fraction)
+    initargs = (tok_json, encoder_name, encoder.frame, encoder.dtype.str, encoder.val_fraction)
     with _start_pool(workers, initargs) as pool:
         pending: deque = deque()
         for chunk in chunks:
@@ -293,6 +300,7 @@ def _meta(tok: Tokenizer, dtype: np.dtype, val_fraction: float, writers: dict[st
         "version": VERSION,
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
         "tokenizer_fingerprint": tok.fingerprint,
         "val_fraction": val_fraction,
@@ -324,7 +332,7 @@ def _input_bytes(inputs: Any) -> int | None:
     if not isinstance(inputs, (str, os.PathLike, list, tuple)):
         return None
     files = resolve_files(inputs)
-    if any(f.name.lower().endswith((".gz", ".parquet")) for f in files):
+    if any(f.is_dir() or f.name.lower().endswith((".gz", ".parquet", ".arrow")) for f in files):
         return None
     return sum(f.stat().st_size for f in files)
 
@@ -412,7 +420,7 @@ class TokenShards:
         return str(self.meta["tokenizer_fingerprint"])
 
     def document(self, i: int) -> np.ndarray:
-        """Tokens of document ``i``, its ``<eos>`` included (a view into the memory map)."""
+        """Tokens of document ``i``, its ``<bos>`` and ``<eos>`` included (a view into the memory map)."""
         if not -self.n_docs <= i < self.n_docs:
             raise IndexError(f"document {i} out of range for {self.n_docs} documents")
         i %= self.n_docs

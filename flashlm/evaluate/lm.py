@@ -1,11 +1,13 @@
 """Language-modelling evaluation: perplexity / bits per byte with a sliding window, and LAMBADA-style cloze.
 
-Perplexity follows the "perplexity of fixed-length models" scheme: every document is tokenized with
-`<bos>`; documents longer than the window are covered by windows starting every `stride` tokens, and
-each window scores only the tokens no earlier window scored, so every token is scored exactly once,
-with at least `seq_len - stride` tokens of left context (all of it inside the first window). Windows
-of many documents are batched with right padding that carries no loss, so the numbers do not depend
-on the batch size (sums are taken in float64).
+Perplexity follows the "perplexity of fixed-length models" scheme: every document is framed
+``<bos> … <eos>``, as the training shards frame it (`flashlm.data.shards`), and its `<eos>` is scored
+like any other token (the model learnt where documents end); bits per byte divide by the UTF-8 bytes
+of the text alone, as the shards' ``text_bytes`` do. Documents longer than the window are covered by
+windows starting every `stride` tokens, and each window scores only the tokens no earlier window
+scored, so every token is scored exactly once, with at least `seq_len - stride` tokens of left context
+(all of it inside the first window). Windows of many documents are batched with right padding that
+carries no loss, so the numbers do not depend on the batch size (sums are taken in float64).
 """
 
 from __future__ import annotations
@@ -107,22 +109,26 @@ def perplexity(
     seq_len: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
+    add_eos: bool = True,
 ) -> dict[str, float]:
-    """Loss (nats/token), perplexity and bits per byte of `texts`, each a document tokenized with `<bos>`.
+    """Loss (nats/token), perplexity and bits per byte of `texts`, each a document framed ``<bos> … <eos>``.
 
-    `seq_len` defaults to the model's context, `stride` to half of it.
+    `seq_len` defaults to the model's context, `stride` to half of it. ``add_eos=False`` scores the text's
+    own tokens only (the ``<bos>`` is always context, never scored); a tokenizer without an ``<eos>``
+    scores no end either. ``bytes`` (and so bits per byte) count the text alone.
     """
     seq_len = seq_len or model.cfg.max_seq_len
     stride = stride or max(1, seq_len // 2)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     counts = {"documents": 0, "bytes": 0}
+    add_eos = add_eos and tokenizer.eos_id is not None
 
     def rows() -> Iterator[Row]:
         for text in texts:
             counts["documents"] += 1
             counts["bytes"] += utf8_bytes(text)
-            yield from sliding_windows(tokenizer.encode(text, add_bos=True), seq_len, stride)
+            yield from sliding_windows(tokenizer.encode(text, add_bos=True, add_eos=add_eos), seq_len, stride)
 
     nats, tokens, windows = 0.0, 0, 0
     for batch in batched(rows(), batch_size):

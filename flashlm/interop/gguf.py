@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flashlm.chat import CHAT_TEMPLATE
 from flashlm.config import ModelConfig
 from flashlm.errors import ConfigError, FlashLMError
 from flashlm.interop.hf import weight_name_map
@@ -257,6 +258,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
             add(token_id)
     writer.add_add_bos_token(tokenizer.bos_id is not None)  # FlashLM's convention: <bos> before every text
     writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)  # the server's "User:/Assistant:" format (flashlm.chat)
 
 
 # ---- the file -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from flashlm.config import ModelConfig
 from flashlm.errors import CheckpointError, FlashLMError
-from flashlm.model.transformer import FlashLM
+from flashlm.model.transformer import FlashLM, save_safetensors
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -200,15 +200,37 @@ def _read_tokenizer(tokenizer: Any) -> tuple[str, Any] | None:
 
 
 def _write_tokenizer(text: str, tok: Any, out_dir: Path, max_len: int) -> None:
-    """Write tokenizer.json and a tokenizer_config.json that `AutoTokenizer` understands."""
+    """Write tokenizer.json and a tokenizer_config.json that `AutoTokenizer` understands.
+
+    FlashLM's framing travels: ``<bos>`` before every text (``add_bos_token`` and, for tokenizers saved
+    before FlashLM wrote one, a post-processor added to tokenizer.json), every special token under its
+    role (bos, eos, pad, mask, sep, unk where the vocabulary has one) and the server's chat template
+    (`flashlm.chat.CHAT_TEMPLATE`), so ``apply_chat_template`` renders the prompt ``flashlm serve`` builds.
+    """
+    from flashlm.chat import CHAT_TEMPLATE
+    from flashlm.tokenizer import Tokenizer, add_bos_post_processor
+
+    backend = Tokenizer.from_str(text).backend
+    if add_bos_post_processor(backend):
+        text = backend.to_str(pretty=True)
     (out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
     token = lambda i: None if i is None else tok.backend.id_to_token(i)
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": max_len,
+    roles = {
         "bos_token": token(tok.bos_id),
         "eos_token": token(tok.eos_id),
         "pad_token": token(tok.pad_id),
+        "mask_token": token(tok.mask_id),
+        "sep_token": token(tok.sep_id),
+        "unk_token": "<unk>" if tok.backend.token_to_id("<unk>") is not None else None,
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_len,
+        **{role: name for role, name in roles.items() if name is not None},
+        "add_bos_token": tok.bos_id is not None,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # decode gives the text back as it was, as FlashLM's does
+        "chat_template": CHAT_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
@@ -220,8 +242,6 @@ def export_hf(model: FlashLM, out_dir: str | Path, tokenizer: Any = None) -> Pat
     `tokenizer`: a `flashlm.tokenizer.Tokenizer`, a tokenizer.json path or a directory holding one.
     Loads with `AutoModelForCausalLM.from_pretrained(out_dir)`.
     """
-    from safetensors.torch import save_file
-
     tf = _transformers()
     out = Path(out_dir)
     text, tok = _read_tokenizer(tokenizer) or (None, None)
@@ -234,7 +254,7 @@ def export_hf(model: FlashLM, out_dir: str | Path, tokenizer: Any = None) -> Pat
     setattr(config, "dtype" if _v5() else "torch_dtype", dtype)
     state = {k: v.contiguous().cpu() for k, v in to_hf_state_dict(model).items()}
     # Written directly (the layout `save_pretrained` produces) so no second copy of the model is built.
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(out / "model.safetensors", state)  # the mode of every other file, not 0600
     config.save_pretrained(out)
     tf.GenerationConfig.from_model_config(config).save_pretrained(out)
     return out

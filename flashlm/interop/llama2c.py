@@ -13,7 +13,8 @@ llama2.c rotates interleaved pairs (2i, 2i+1) of each head; FlashLM uses the rot
 The tokenizer: a SentencePiece BPE `.model` becomes a `tokenizers` BPE with byte fallback
 (merges recovered from the vocabulary, ranked by piece score), SentencePiece's normalization
 (squeeze spaces when the model asks for it, spaces → "▁", the dummy-prefix "▁"), and a decoder
-that turns "▁" into spaces, bytes back into text and drops the dummy-prefix space. The settings
+that turns "▁" into spaces, bytes back into text and drops the dummy-prefix space; a post-processor
+puts "<s>" before a text when special tokens are added (`transformers`' ``tokenizer("text")``). The settings
 are read from the .model's protobuf with a few lines of wire-format parsing (no `protobuf` needed).
 """
 
@@ -28,6 +29,7 @@ import torch
 from flashlm.config import ModelConfig
 from flashlm.errors import CheckpointError, DataError
 from flashlm.model.transformer import FlashLM
+from flashlm.tokenizer import add_bos_post_processor
 
 HEADER = struct.Struct("<7i")
 _V1_MAGIC = 0x616B3432  # "ak42": llama2.c's newer export formats
@@ -258,6 +260,7 @@ def sentencepiece_to_tokenizer(model_path: str | Path):
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(steps)
     tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in special])
+    add_bos_post_processor(tok)  # "<s>" before every text, as llama2.c trained and FlashLM frames documents
     return tok
 
 

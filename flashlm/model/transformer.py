@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,12 +224,11 @@ class FlashLM(nn.Module):
     # ---- save / load -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
         """Write config.json + model.safetensors (+ tokenizer.json) into `directory`."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        save_safetensors(
+            directory / WEIGHTS_FILE, {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        )
         config = {"architecture": "FlashLM", **self.cfg.to_dict()}
         _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
         if tokenizer is not None:
@@ -301,9 +301,25 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) 
             )
 
 
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `tensors` as a safetensors file, atomically, with the mode of every other file (see `_atomic_write`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    _atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    return path
+
+
 def _atomic_write(path: Path, write) -> None:
+    """`write` into a temporary name beside `path`, fsync, rename into place. The file keeps the mode that
+    creating it gave (0666 less the umask, like any other file): safetensors writes through a private
+    temporary file and would otherwise leave 0600."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a leftover of a crashed write would keep its own mode
+    tmp.touch()
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     write(tmp)
+    os.chmod(tmp, mode)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -3,12 +3,15 @@
     GET  /                      the playground page (static/index.html; no network needed)
     GET  /health                {"status": "ok", "model": ...} (+ "draft": ... when decoding is speculative)
     GET  /v1/models             the one model this process serves (and its draft model, if any)
-    POST /v1/completions        prompt → text; "stream": true sends server-sent events
+    POST /v1/completions        prompt(s) → text; echo, logprobs, n, token-id prompts (serve/completions.py);
+                                "stream": true sends server-sent events
     POST /v1/chat/completions   messages → a reply, through a plain "User: …\\nAssistant:" template
     POST /v1/explain            attention maps and token saliency (JSON) for the playground
 
-Generation is CPU/GPU-bound and not thread-safe, so it runs in worker threads behind one lock: the
-event loop stays free to accept requests, answer /health, and notice clients that hang up. Bad
+Generation is CPU/GPU-bound, so it runs outside the event loop: by default every request joins the
+engine's continuous batch (`serve/batching.py`: one scheduler thread decodes all running requests
+together), or, with `batching="serial"` (and with a draft), runs in a worker thread behind the model
+lock. The event loop stays free to accept requests, answer /health, and notice clients that hang up. Bad
 requests get HTTP 400 with an OpenAI-style {"error": {"message", "type", "param"}} body. Served with a
 draft model (`flashlm serve MODEL --draft DRAFT`), every request decodes speculatively, streamed or not.
 """
@@ -29,16 +32,37 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
 
 from flashlm.errors import FlashLMError
-from flashlm.generation import Sampling
+from flashlm.generation import REPETITION_PENALTY_RANGE, TEMPERATURE_RANGE, Sampling
+from flashlm.serve.batching import DEFAULT_MAX_BATCH
+from flashlm.serve.completions import (
+    MAX_CHOICES,
+    MAX_LOGPROBS,
+    RequestError,
+    complete,
+    completion_head,
+    read_prompts,
+    stream_choices,
+)
 from flashlm.serve.engine import CHAT_STOP, Engine, Run, chat_prompt
+from flashlm.serve.guard import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DoorStats,
+    Guard,
+    Limits,
+    allowed_hosts_for,
+    check_exposure,
+    until_disconnected,
+)
 from flashlm.speculative import DEFAULT_LOOKAHEAD
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+SWITCH_INTERVAL_S = 0.0005  # how often a Python thread in the server offers the GIL to the others
 EXPLAIN_MAX_TOKENS = 256  # an explain request's JSON grows with tokens²
 
 
@@ -53,15 +77,27 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # one model per process: any name is answered by it
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
+    temperature: float = Field(
+        1.0, ge=0.0, le=TEMPERATURE_RANGE[1], description=f"0 means greedy; else at least {TEMPERATURE_RANGE[0]}"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
+    # accepted for OpenAI compatibility within OpenAI's range, and not applied (no such penalty here)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=1, description="one choice per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value):  # between 0 and the floor, logits / temperature overflows to inf
+        if 0 < value < TEMPERATURE_RANGE[0]:
+            raise ValueError(f"must be 0 (greedy) or at least {TEMPERATURE_RANGE[0]}, got {value}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -74,6 +110,12 @@ class SamplingRequest(BaseModel):
         return stops
 
     def sampling(self, max_tokens: int, extra_stop: tuple[str, ...] = ()) -> Sampling:
+        try:
+            return self._sampling(max_tokens, extra_stop)
+        except ValueError as exc:  # Sampling's own range checks: "field must be ..."
+            raise _bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
+
+    def _sampling(self, max_tokens: int, extra_stop: tuple[str, ...]) -> Sampling:
         return Sampling(
             max_new_tokens=max_tokens,
             temperature=self.temperature,
@@ -90,14 +132,63 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] = Field(..., description="one prompt, or a list (one choice each)")
-    max_tokens: int = Field(16, ge=1)
+    """OpenAI's completions API (`serve/completions.py`): every field it defines is accepted or refused
+    with a reason; a field it does not define is a 400 naming it."""
 
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="a string, a list of strings, a list of token ids, or a list of token-id lists"
+    )
+    max_tokens: int = Field(16, ge=0, description="0 with echo: score the prompt only")
+    n: int = Field(1, ge=1, le=16, description="choices per prompt (index = prompt_index * n + j)")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of the tokens")
+    best_of: int | None = Field(None, ge=1, description="only best_of = n (no server-side ranking)")
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # an end-user id for abuse monitoring: accepted, unused
+
+    # fields are checked in order (the inherited ones, `n` and `stream` among them, first), so `info.data`
+    # holds the fields each check depends on, and every refusal names its own field
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, value):
-        if isinstance(value, list) and not 1 <= len(value) <= 16:
+    def _prompts(cls, value, info: ValidationInfo):
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one prompt (an empty list has none)")
+        prompts = len(value) if isinstance(value, list) and isinstance(value[0], (str, list)) else 1
+        if prompts > 16:
             raise ValueError("give 1 to 16 prompts")
+        if prompts * info.data.get("n", 1) > MAX_CHOICES:
+            raise ValueError(f"{prompts} prompts × n={info.data['n']} choices is over the limit of {MAX_CHOICES}")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("stream"):
+            raise ValueError("not supported with stream; send stream false to get logprobs")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value, info: ValidationInfo):
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError(f"only best_of = n ({info.data.get('n', 1)}) is supported (no server-side ranking)")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value):
+        if value:
+            raise ValueError("not supported: the model only continues text (no insertion); leave suffix out")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value):
+        if value:
+            raise ValueError("not supported by this server; leave logit_bias out (or send {})")
         return value
 
 
@@ -129,10 +220,14 @@ class ExplainRequest(BaseModel):
 
 
 # ---- the app -----------------------------------------------------------------------------------------
-def create_app(engine: Engine) -> FastAPI:
-    """The FastAPI app around a loaded `Engine` (tests pass a tiny model; `serve` loads one from disk)."""
-    app = FastAPI(title="FlashLM", summary="OpenAI-compatible API for a FlashLM model", docs_url="/docs")
+def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
+    """The FastAPI app around a loaded `Engine` (tests pass a tiny model; `serve` loads one from disk),
+    behind `guard.Guard` with `limits` (default: 1 MiB bodies, 64 queued requests, no key, any Host).
+    /docs and /redoc are off (Swagger UI and ReDoc load from a CDN); /openapi.json stays."""
+    app = FastAPI(title="FlashLM", summary="OpenAI-compatible API for a FlashLM model", docs_url=None, redoc_url=None)
     app.state.engine = engine
+    app.state.door = DoorStats()
+    app.add_middleware(Guard, limits=limits or Limits(), stats=app.state.door)
     cfg = engine.model.cfg
     _add_error_handlers(app)
 
@@ -141,7 +236,7 @@ def create_app(engine: Engine) -> FastAPI:
         return resources.files("flashlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:  # on the event loop: a sync route would queue behind the worker threads
         if engine.draft is None:
             return {"status": "ok", "model": engine.name}
         return {"status": "ok", "model": engine.name, "draft": engine.draft_name}
@@ -165,52 +260,40 @@ def create_app(engine: Engine) -> FastAPI:
         }
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        encoded = [_encode_checked(engine, p, "prompt") for p in prompts]
+    async def completions(req: CompletionRequest, request: Request):
+        try:
+            prompts = await run_in_threadpool(read_prompts, engine, req.prompt, req.max_tokens)
+        except RequestError as exc:
+            raise _bad_request(str(exc), exc.param) from None
         sampling = req.sampling(req.max_tokens)
-        head = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": engine.name,
-        }
-
-        def choice(index: int, text: str, finish: str | None) -> dict:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        head = completion_head(engine)
 
         if req.stream:
 
             def events(cancel: threading.Event) -> Iterator[dict]:
                 runs = []
-                for index, ids in enumerate(encoded):
-                    runs.append(Run(len(ids)))
-                    for piece in engine.pieces(ids, sampling, runs[-1], cancel=cancel):
-                        yield {**head, "choices": [choice(index, piece, None)]}
-                    yield {**head, "choices": [choice(index, "", runs[-1].finish_reason)]}
+                for index, piece, finish, run in stream_choices(engine, prompts, sampling, req.n, req.echo, cancel):
+                    runs += [run] if run is not None else []
+                    choice = {"index": index, "text": piece, "logprobs": None, "finish_reason": finish}
+                    yield {**head, "choices": [choice]}
                 if req.include_usage:
                     yield {**head, "choices": [], "usage": _usage(runs)}
 
             return _sse(engine, events)
 
-        def work() -> list[tuple[str, Run]]:
-            results = []
-            for ids in encoded:
-                run = Run(len(ids))
-                results.append(("".join(engine.pieces(ids, sampling, run)), run))
-            return results
-
-        results = await _locked(engine, work)
-        return {
-            **head,
-            "choices": [choice(i, text, run.finish_reason) for i, (text, run) in enumerate(results)],
-            "usage": _usage([run for _, run in results]),
-        }
+        body = await until_disconnected(
+            request,
+            lambda cancel: run_in_threadpool(
+                complete, engine, prompts, sampling, req.n, req.echo, req.logprobs, cancel
+            ),
+            app.state.door,
+        )
+        return {**head, **body}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         prompt = chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
-        ids = _encode_checked(engine, prompt, "messages")
+        ids = await run_in_threadpool(_encode_checked, engine, prompt, "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens or cfg.max_seq_len
         sampling = req.sampling(max_tokens, extra_stop=(CHAT_STOP,))
         head = {
@@ -235,11 +318,13 @@ def create_app(engine: Engine) -> FastAPI:
 
             return _sse(engine, events)
 
-        def work() -> tuple[str, Run]:
+        def work(cancel: threading.Event) -> tuple[str, Run]:
             run = Run(len(ids))
-            return "".join(engine.pieces(ids, sampling, run, lstrip=True)), run
+            return "".join(engine.pieces(ids, sampling, run, lstrip=True, cancel=cancel)), run
 
-        text, run = await _locked(engine, work)
+        text, run = await until_disconnected(
+            request, lambda cancel: _locked(engine, lambda: work(cancel)), app.state.door
+        )
         message = {"role": "assistant", "content": text}
         return {
             **head,
@@ -266,6 +351,7 @@ def create_app(engine: Engine) -> FastAPI:
                 with_saliency=req.saliency,
                 max_tokens=EXPLAIN_MAX_TOKENS,
             ),
+            exclusive=True,
         )
 
     return app
@@ -277,9 +363,20 @@ def load_app(
     precision: str = "auto",
     draft_dir: str | Path | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    batching: str = "continuous",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    limits: Limits | None = None,
 ) -> FastAPI:
-    engine = Engine.load(model_dir, device=device, precision=precision, draft_dir=draft_dir, lookahead=lookahead)
-    return create_app(engine)
+    engine = Engine.load(
+        model_dir,
+        device=device,
+        precision=precision,
+        draft_dir=draft_dir,
+        lookahead=lookahead,
+        batching=batching,
+        max_batch=max_batch,
+    )
+    return create_app(engine, limits)
 
 
 def serve(
@@ -291,18 +388,31 @@ def serve(
     precision: str = "auto",
     draft_dir: str | Path | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    batching: str = "continuous",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    api_key: str | None = None,
+    insecure: bool = False,
 ) -> None:
     """Load the model (and its draft) and serve it with uvicorn until interrupted (loopback only unless
-    `host` says so)."""
+    `host` says so: then an `api_key` is required unless `insecure`). See docs/serving.md for the limits."""
     import sys
 
     import uvicorn
 
-    app = load_app(model_dir, device, precision, draft_dir, lookahead)
+    check_exposure(host, api_key, insecure)  # before the model loads: a refusal costs nothing
+    limits = Limits(max_request_bytes, max_queue, api_key, allowed_hosts_for(host))
+    app = load_app(model_dir, device, precision, draft_dir, lookahead, batching, max_batch, limits=limits)
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     engine = app.state.engine
     drafted = f" (speculative, draft {engine.draft_name}, lookahead {engine.lookahead})" if engine.draft else ""
+    if engine.scheduler is not None:
+        drafted = f" (continuous batching, up to {engine.scheduler.max_rows} requests a step)"
     print(f"serving {engine.name}{drafted}: playground at http://{shown}:{port}/, API at /v1", file=sys.stderr)
+    # the event loop hands the GIL back at every socket call; at Python's default 5 ms switch interval a busy
+    # generation thread would make it wait that long each time to get it back (/health then takes seconds)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
@@ -345,11 +455,13 @@ def _usage(runs: list[Run]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _locked(engine: Engine, fn: Callable):
-    """Run `fn` in a worker thread while holding the model lock (waiting for it there, not in the loop)."""
+async def _locked(engine: Engine, fn: Callable, exclusive: bool = False):
+    """Run `fn` in a worker thread holding what generation needs (`Engine.generating`: the model lock
+    when serial, nothing when batched), or the model lock itself when `exclusive` (waiting there, not
+    in the loop)."""
 
     def locked():
-        with engine.lock:
+        with engine.lock if exclusive else engine.generating():
             return fn()
 
     return await run_in_threadpool(locked)
@@ -371,7 +483,7 @@ def _sse(engine: Engine, events: Callable[[threading.Event], Iterator[dict]]) ->
 
         def work() -> None:
             try:
-                with engine.lock:
+                with engine.generating():
                     for event in events(cancel):
                         if cancel.is_set():
                             break
@@ -381,7 +493,10 @@ def _sse(engine: Engine, events: Callable[[threading.Event], Iterator[dict]]) ->
             finally:
                 put(("end", None))
 
-        threading.Thread(target=work, name="flashlm-generate", daemon=True).start()
+        worker = threading.Thread(target=work, name="flashlm-generate", daemon=True)
+        # Thread.start waits until the new thread runs, milliseconds when the GIL is busy: wait in the loop's
+        # executor, not on the event loop, or a burst of streams arriving together stalls it (and /health)
+        await loop.run_in_executor(None, worker.start)
         try:
             while True:
                 kind, item = await queue.get()

@@ -26,7 +26,7 @@ from torch import nn
 
 from flashlm.errors import DataError
 from flashlm.evaluate.metrics import squad_scores
-from flashlm.model.transformer import FlashLM
+from flashlm.model.transformer import FlashLM, save_safetensors
 from flashlm.tasks.squad_config import DEFAULT_MODEL, SquadConfig
 from flashlm.training.finetune import fit, new_model
 
@@ -51,11 +51,9 @@ class SpanQA(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
         """The FlashLM checkpoint plus ``span_head.safetensors``."""
-        from safetensors.torch import save_file
-
         path = self.model.save_pretrained(directory, tokenizer)
         state = {k: v.detach().contiguous().cpu() for k, v in self.span_head.state_dict().items()}
-        save_file(state, str(Path(path) / SPAN_HEAD_FILE))
+        save_safetensors(Path(path) / SPAN_HEAD_FILE, state)
         return path
 
     @classmethod

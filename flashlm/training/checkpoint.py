@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -197,12 +198,13 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     """train_state.pt of a checkpoint directory, loaded with weights_only=True and checked."""
     file = Path(path) / STATE_FILE
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one-line error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing {STATE_FILE}; the checkpoint is incomplete") from None
     except Exception as exc:  # truncated zip, bad pickle, disallowed type: all mean "damaged"
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{file}: damaged train state ({reason}); use an earlier checkpoint") from None
+        raise CheckpointError(f"{file}: damaged train state ({_load_reason(exc)}); use an earlier checkpoint") from None
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{file}: train state lacks {', '.join(missing)}; the checkpoint is damaged")
@@ -213,6 +215,18 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
             "the checkpoint is inconsistent"
         )
     return state
+
+
+def _load_reason(exc: Exception) -> str:
+    """The gist of a torch.load failure, whole, on one line: torch's weights-only refusal is a paragraph of
+    advice (with terminal colour codes) around one sentence, "WeightsUnpickler error: <what>"."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "WeightsUnpickler error:" in text:
+        text = "refused by the weights-only loader: " + text.split("WeightsUnpickler error:", 1)[1].strip()
+        text = text.split("\n\n")[0]  # the advice after it is a paragraph of its own
+    text = " ".join(text.split())
+    first = re.split(r"(?<=[\w)'\]])\. ", text, maxsplit=1)[0].rstrip(".")
+    return first or type(exc).__name__
 
 
 # ---- RNG state ----------------------------------------------------------------------------------

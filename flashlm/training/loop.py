@@ -15,6 +15,8 @@ LambdaLR schedule (`flashlm.training.optim`, shared with fine-tuning), the token
 - **Distributed**: each rank draws its own rows of the step's global batch; gradients are averaged
   by DDP (``no_sync`` on non-final micro-steps) or FSDP2; rank 0 alone writes logs and checkpoints.
 - **Micro-batches** weigh equally: the step loss is the mean of the micro-batch mean losses.
+- **Signals**: SIGINT / SIGTERM finish the step in progress, save a checkpoint and return with
+  ``stopped_by`` in the summary (`flashlm.training.stopping`; all ranks agree on the step).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from flashlm.training.optim import (
 )
 from flashlm.training.rundata import Data, open_data
 from flashlm.training.runlog import RunLog
+from flashlm.training.stopping import StopSignals, signal_name
 
 __all__ = [
     "ObjectiveFactory",
@@ -74,6 +77,7 @@ __all__ = [
 ]
 
 ObjectiveFactory = Callable[[Data, DistEnv], Objective]
+RUN_CONFIG_FILE = "config.yaml"  # what RunLog writes first into a run folder: it marks one
 
 
 # ---- model and optimizer -------------------------------------------------------------------------
@@ -309,14 +313,19 @@ def resume(
         restore_rng(state["rng"])
         clock.spent_before = float(state.get("train_seconds", 0.0))
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         raise CheckpointError(f"{path}: its training state does not fit this run ({reason})") from None
     return int(state["step"]), path, dict(state["config"].get("train") or {})
 
 
 def _refuse_to_mix_runs(out: Path) -> None:
     """A fresh run must not write into a folder holding another run's checkpoints (pruning and
-    `latest` would mix them)."""
+    `latest` would mix them), nor into a non-empty folder that is not a run (its metrics.jsonl, plot
+    and config would be overwritten). A run folder is known by its config.yaml, written first."""
+    if out.is_dir() and not (out / RUN_CONFIG_FILE).is_file() and any(out.iterdir()):
+        raise ConfigError(
+            f"train.out: {out} is not empty and holds no FlashLM run; choose an empty or new folder for train.out"
+        )
     found = latest_checkpoint(out / CHECKPOINTS_DIR)
     if found is not None:
         raise ConfigError(
@@ -347,7 +356,10 @@ StepCallback = Callable[[int, dict[str, Any]], Any]
 
 
 def train(
-    cfg: RunConfig, callback: StepCallback | None = None, objective: Objective | ObjectiveFactory | None = None
+    cfg: RunConfig,
+    callback: StepCallback | None = None,
+    objective: Objective | ObjectiveFactory | None = None,
+    stop_on_signals: bool = False,
 ) -> dict[str, Any]:
     """Pre-train `cfg.model` on `cfg.train.data`; returns a summary (step reached, last loss, last
     eval, per-row history, output and checkpoint paths).
@@ -355,7 +367,10 @@ def train(
     Works alone or under ``torchrun`` (DDP, or FSDP2 with ``train.distributed: fsdp``).
     `callback(step, row)` runs after every step on every rank (`row`: what was logged, maybe empty);
     a true return value saves a checkpoint and stops, e.g. for a time budget (return the same
-    value on every rank). `objective` replaces the registry's ``train.objective``: an `Objective`,
+    value on every rank). With `stop_on_signals` (the CLI's `train` and `distill`), SIGINT / SIGTERM do the
+    same after the step in progress (from the main thread); the summary's ``stopped_by`` then names the
+    signal (else None). Without it they keep their usual effect, e.g. for a demo running several stages.
+    `objective` replaces the registry's ``train.objective``: an `Objective`,
     or a factory ``objective(data, env)`` called once the data is open (e.g. one loading a teacher).
     A run with a ``distill:`` section needs the distillation objective: `flashlm.training.train` builds
     it (`flashlm.training.distill.distill_objective`); this loop never builds a teacher.
@@ -364,13 +379,17 @@ def train(
     objective = objective or build_objective(cfg.train, cfg.model)
     env = setup_distributed(cfg.train.device)
     try:
-        return _run(cfg, objective, env, callback)
+        return _run(cfg, objective, env, callback, StopSignals(stop_on_signals))
     finally:
         teardown(env)
 
 
 def _run(
-    cfg: RunConfig, objective: Objective | ObjectiveFactory, env: DistEnv, callback: StepCallback | None
+    cfg: RunConfig,
+    objective: Objective | ObjectiveFactory,
+    env: DistEnv,
+    callback: StepCallback | None,
+    signals: StopSignals,
 ) -> dict[str, Any]:
     tcfg = cfg.train
     data = open_data(tcfg, cfg.model.vocab_size)
@@ -396,8 +415,10 @@ def _run(
         f"MFU against {peak / 1e9:,.1f} GFLOP/s per device ({source}); {flops / 1e6:,.2f} MFLOP per trained token"
     )
     state = _LoopState(start, resumed_from, clock, flops_per_token=flops, peak_flops=peak, peak_source=source)
+    stopped_by = 0
     clock.start()
     try:
+        signals.__enter__()
         for step in range(start + 1, tcfg.steps + 1):
             lr = optimizer.param_groups[0]["lr"]
             loss, metrics, grad_norm = train_step(parts, optimizer, scheduler, objective, data, tcfg, env, step, amp)
@@ -412,15 +433,18 @@ def _run(
                 state.history.append(row)
                 log.write(row)
             log.advance(row)
-            stop = (bool(callback(step, row)) if callback is not None else False) or out_of_time
+            stopped_by = signals.agreed(env)  # every rank, every step: all stop after the same one
+            stop = (bool(callback(step, row)) if callback is not None else False) or out_of_time or bool(stopped_by)
             if stop or _due(step, tcfg.save_every, last):
                 save_now = lambda s=step: save(parts, optimizer, scheduler, cfg, env, s, data, clock)
                 state.checkpoint = _timed(state, save_now)
             if stop:
                 break
     finally:
+        signals.__exit__()
         log.close()
-    return {**state.summary(env), "out": str(tcfg.out)}
+    stopped = {"stopped_by": signal_name(stopped_by) if stopped_by else None, "signal": stopped_by}
+    return {**state.summary(env), "out": str(tcfg.out), **stopped}
 
 
 def peak_flops(tcfg: TrainConfig, device: torch.device) -> tuple[float, str]:

@@ -19,7 +19,7 @@ from flashlm.data.corpus import iter_documents, resolve_files
 from flashlm.data.shards import SPLITS, TokenShards, dtype_for, prepare_shards, read_meta, val_mask
 from flashlm.data.synthetic import story_corpus, write_story_corpus
 from flashlm.errors import ConfigError, DataError
-from flashlm.tokenizer import EOS_ID, SPECIAL_TOKENS, Tokenizer
+from flashlm.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -142,10 +142,10 @@ def shard_dir(tmp_path_factory, story_docs, trained_tokenizer) -> Path:
     return out
 
 
-def test_shards_hold_exactly_the_documents_each_followed_by_eos(shard_dir, story_docs, trained_tokenizer):
+def test_shards_hold_exactly_the_documents_each_framed_by_bos_and_eos(shard_dir, story_docs, trained_tokenizer):
     for split, docs in split_docs(story_docs, 0.05).items():
         shards = TokenShards(shard_dir, split)
-        expected = [trained_tokenizer.encode(d, add_eos=True) for d in docs]
+        expected = [trained_tokenizer.encode(d, add_bos=True, add_eos=True) for d in docs]
         assert shards.n_docs == len(docs)
         assert shards.tokens.tolist() == [t for ids in expected for t in ids]
         assert [shards.document(i).tolist() for i in range(shards.n_docs)] == expected
@@ -159,7 +159,7 @@ def test_shards_hold_exactly_the_documents_each_followed_by_eos(shard_dir, story
 
 def test_meta_records_counts_bytes_and_the_tokenizer(shard_dir, story_docs, trained_tokenizer):
     meta = read_meta(shard_dir)
-    assert meta["version"] == 1 and meta["dtype"] == "uint16" and meta["eos_id"] == EOS_ID
+    assert meta["version"] == 1 and meta["dtype"] == "uint16" and meta["eos_id"] == EOS_ID and meta["bos_id"] == BOS_ID
     assert meta["vocab_size"] == 512 and meta["tokenizer_fingerprint"] == trained_tokenizer.fingerprint
     splits = meta["splits"]
     assert splits["train"]["docs"] + splits["val"]["docs"] == len(story_docs)
@@ -205,7 +205,7 @@ def test_large_vocabularies_use_uint32(tmp_path):
     meta = prepare_shards(iter(["a cat", "the cat"]), tok, tmp_path, val_fraction=0, progress=False)
     shards = TokenShards(tmp_path)
     assert meta["dtype"] == "uint32" and shards.tokens.dtype == np.uint32
-    assert shards.tokens.tolist() == tok.encode("a cat", add_eos=True) + tok.encode("the cat", add_eos=True)
+    assert shards.tokens.tolist() == tok.encode("a cat", True, True) + tok.encode("the cat", True, True)
     assert shards.tokens.max() == len(names) - 1 > 65535  # "Ġcat" really needs 32 bits
 
 

@@ -192,6 +192,9 @@ def test_byte_level_tokenizer_goes_in_whole(trained_tokenizer, tmp_path: Path) -
     assert set(types[5:n]) == {gguf.TokenType.NORMAL} and set(types[n:]) == {gguf.TokenType.UNUSED}
     assert _field(reader, "tokenizer.ggml.model") == "gpt2"
     assert _field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    from flashlm.chat import CHAT_TEMPLATE
+
+    assert _field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE  # the server's chat format
     ids = {
         "bos_token_id": trained_tokenizer.bos_id,
         "eos_token_id": trained_tokenizer.eos_id,

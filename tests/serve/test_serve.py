@@ -291,7 +291,7 @@ def test_default_host_is_loopback(model_dir, monkeypatch):
     assert result.exit_code == 0, result.output
     ((app, kwargs),) = calls
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8000
-    assert TestClient(app).get("/health").json()["status"] == "ok"
+    assert TestClient(app, base_url="http://127.0.0.1:8000").get("/health").json()["status"] == "ok"
 
 
 # ---- speculative decoding with a draft model ------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_generate_and_serve_cli_take_a_draft(model_dir, draft_dir, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(app))
     result = CliRunner().invoke(cli.app, ["serve", str(model_dir), "--draft", str(draft_dir)])
     assert result.exit_code == 0, result.output
-    assert TestClient(calls[0]).get("/health").json()["draft"] == "draft"
+    assert TestClient(calls[0], base_url="http://127.0.0.1:8000").get("/health").json()["draft"] == "draft"
 
 
 def test_a_draft_with_another_tokenizer_is_one_clear_error(model_dir, tmp_path, monkeypatch, capsys):

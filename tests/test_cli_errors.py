@@ -1,0 +1,198 @@
+"""A user mistake on the command line is one clear line on stderr and a non-zero exit, never a traceback;
+Ctrl-C is one line and exit code 130. The commands run through `flashlm.cli.main`, the real entry point."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from corpora import stories
+from train_utils import build_shards
+
+from flashlm import cli
+from flashlm.cli.model import fit_prompt
+from flashlm.config import get_preset
+from flashlm.model.transformer import FlashLM
+from flashlm.tokenizer import Tokenizer
+from flashlm.training.checkpoint import STATE_FILE
+
+UNWRITABLE = "/proc/flashlm-test"  # /proc refuses new folders, to root as well
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(iter(stories(300)), 512, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A nano model (context 128) with its 512-token tokenizer."""
+    torch.manual_seed(0)
+    return FlashLM(get_preset("nano")).save_pretrained(tmp_path_factory.mktemp("cli") / "nano", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "stories.txt"
+    path.write_text("\n".join(stories(20)) + "\n")
+    return path
+
+
+def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `flashlm ARGS`."""
+    monkeypatch.setattr(sys, "argv", ["flashlm", *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def one_line_error(monkeypatch, capsys, *args: str) -> str:
+    """The single stderr line of a refused command (exit code 2)."""
+    code, _, err = run(monkeypatch, capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--config", "configs/causal.yaml", "--set", f"train.out={UNWRITABLE}", "--set", "train.data=nowhere"],
+        ["data", "prepare", "--tokenizer", "nowhere", "--out", UNWRITABLE, "TEXT"],
+        ["data", "stories", "--out", f"{UNWRITABLE}/stories.txt"],
+        ["tokenizer", "train", "--out", UNWRITABLE, "TEXT"],
+        ["eval", "ppl", "MODEL", "TEXT", "--out", UNWRITABLE],
+        ["eval", "mlm", "MODEL", "nowhere", "--out", UNWRITABLE],
+        ["export", "hf", "MODEL", "--out", UNWRITABLE],
+        ["export", "gguf", "MODEL", "--out", f"{UNWRITABLE}/model.gguf"],
+        ["eval", "ppl", "MODEL", "TEXT", "--out", "TEXT"],  # a file where a folder should be
+    ],
+    ids=["train", "data-prepare", "data-stories", "tokenizer", "eval-ppl", "eval-mlm", "hf", "gguf", "file"],
+)
+def test_an_unwritable_output_is_refused_before_any_work(monkeypatch, capsys, model_dir, text_file, args):
+    args = [{"MODEL": str(model_dir), "TEXT": str(text_file)}.get(a, a) for a in args]
+    line = one_line_error(monkeypatch, capsys, *args)
+    # named before anything else is looked at: the missing data or tokenizer is never reached
+    assert ("train.out" if args[0] == "train" else "--out") in line and "cannot write" in line, line
+
+
+def test_eval_ppl_refuses_a_window_beyond_the_models_context(monkeypatch, capsys, model_dir, text_file, tmp_path):
+    line = one_line_error(
+        monkeypatch, capsys, "eval", "ppl", model_dir, text_file, "--seq-len", 100000, "--out", tmp_path / "a" / "b"
+    )
+    assert "--seq-len" in line and "128" in line, line
+    assert not list(tmp_path.iterdir())  # nothing written: not even the folders made to check --out
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--max-new-tokens", "-1"),
+        ("--temperature", "-0.5"),
+        ("--top-k", "0"),
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+        ("--repetition-penalty", "0"),
+        ("--repetition-penalty", "-1"),
+    ],
+)
+def test_out_of_range_sampling_options_are_one_line_each(monkeypatch, capsys, model_dir, option, value):
+    line = one_line_error(monkeypatch, capsys, "generate", model_dir, "-p", "Once", option, value)
+    assert line.startswith("error: ") and option in line, line
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end_and_says_so(monkeypatch, capsys, model_dir, tokenizer):
+    prompt = " ".join(f"word{i}" for i in range(300))  # far more tokens than the context of 128
+    assert len(tokenizer.encode(prompt)) > 128
+    code, out, err = run(monkeypatch, capsys, "generate", model_dir, "-p", prompt, "--max-new-tokens", 8, "--seed", 0)
+    lines = err.strip().splitlines()
+    assert code == 0 and len(lines) == 1 and "kept its last" in lines[0], err
+    kept_tokens = int(lines[0].split("kept its last ")[1].split()[0])
+    assert 0 < kept_tokens <= 128 - 8 - 1  # room for <bos> and the 8 new tokens
+    kept = fit_prompt(tokenizer, prompt, 128, 8)
+    assert out.startswith(kept) and prompt.endswith(kept.strip())  # the end of the prompt, then the completion
+    assert len(tokenizer.encode(kept, add_bos=True)) <= 128 - 8
+    assert fit_prompt(tokenizer, "Once upon a time", 128, 500) == "Once upon a time"  # a short prompt is untouched
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_load(monkeypatch, capsys, tmp_path, tokenizer):
+    small = FlashLM(replace(get_preset("nano"), vocab_size=300)).save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    for args in (["generate", small, "-p", "Once"], ["fill-mask", small, "The <mask> sat."]):
+        line = one_line_error(monkeypatch, capsys, *args)
+        assert "512 ids" in line and "300" in line, line
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys, model_dir, text_file, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("flashlm.evaluate.lm.perplexity", interrupted)
+    monkeypatch.setattr("flashlm.training.train", interrupted)
+    train = ["train", "--config", "configs/causal.yaml", "--set", f"train.out={tmp_path / 'run'}"]
+    for args in (["eval", "ppl", model_dir, text_file, "--out", tmp_path], train):
+        code, _, err = run(monkeypatch, capsys, *args)
+        assert code == 130 and err.strip() == "interrupted (Ctrl-C)", (code, err)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return build_shards(tmp_path_factory.getbasetemp() / "clm_shards")
+
+
+def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    settings = ["model.preset=nano", f"train.data={shards}", f"train.out={out}", "train.steps=1", "train.seq_len=32"]
+    settings += ["train.batch_size=2", "train.device=cpu", "train.precision=fp32", "train.peak_flops=1e9"]
+    return ["train", "--config", "configs/causal.yaml", *(a for s in settings for a in ("--set", s)), *extra]
+
+
+def test_train_refuses_a_non_empty_folder_that_is_not_a_run(monkeypatch, capsys, shards, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"mine": 1}\n')
+    line = one_line_error(monkeypatch, capsys, *train_args(shards, out))
+    assert "train.out" in line and "not empty" in line, line
+    assert (out / "metrics.jsonl").read_text() == '{"mine": 1}\n' and len(list(out.iterdir())) == 1
+
+
+class Shell:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda f: torch.save({"step": 1, "optimizer": object}, f), "Unsupported global: GLOBAL object"),
+        (lambda f: f.write_bytes(pickle.dumps(Shell(), protocol=4)), "Unsupported operand"),  # torch warns too
+    ],
+    ids=["disallowed-global", "plain-pickle"],
+)
+def test_a_rejected_train_state_is_one_clean_line(monkeypatch, capsys, shards, tmp_path, damage, reason):
+    code, _, err = run(monkeypatch, capsys, *train_args(shards, tmp_path))
+    assert code == 0, err
+    damage(tmp_path / "checkpoints" / "step_000001" / STATE_FILE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = one_line_error(monkeypatch, capsys, *train_args(shards, tmp_path, "--resume"))
+    assert not [w for w in caught if "torch" in str(w.filename)], [str(w.message) for w in caught]
+    assert "damaged train state" in line and reason in line and "\x1b" not in line and "pwned" not in line, line
+    assert line.endswith("); use an earlier checkpoint"), line  # the reason whole, not cut mid-word
+
+
+def test_the_installed_entry_point_prints_one_line_too(model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flashlm", "generate", str(model_dir), "-p", "Once", "--top-k", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--top-k" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
