@@ -396,8 +396,8 @@ def write_section(report: dict[str, Any]) -> None:
                 for run in report.get("earlier_runs", [])
             ],
             "",
-            "The figures move with the machine's load (the 2 CPUs were shared with other jobs during these "
-            "runs): read the ratios of one run, whose modes ran minutes apart, not the absolute rates.",
+            "The figures move with the machine's load (its load average is on the Machine line): read the "
+            "ratios of one run, whose modes ran a minute apart, not the absolute rates.",
             "",
             "How it works: `flashlm.serve.batching.Scheduler` owns the model in one thread; at every step it "
             "retires finished or cancelled rows, runs each newcomer's prompt alone and moves its cache row "
