@@ -20,7 +20,7 @@ decoding). `sequence_logprob` scores a given continuation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -439,10 +439,19 @@ def stream(
     """Yield the text of one prompt's continuation piece by piece, honouring stop strings
     (`StopStrings`), so the pieces always join to exactly what `generate` returns."""
     ids = tokenizer.encode(prompt, add_bos=add_bos)
+    pad_id = tokenizer.pad_id or 0
+    steps = generate_tokens(model, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=pad_id, decoder=decoder)
+    yield from stream_pieces(tokenizer, ids, steps, sampling)
+
+
+def stream_pieces(
+    tokenizer, ids: list[int], steps: Iterable[Sequence[int | None]], sampling: Sampling
+) -> Iterator[str]:
+    """The text of one row's new tokens (``steps`` in `generate_tokens`' protocol) piece by piece, decoded
+    after the prompt ``ids``, ending at eos (when ``sampling.stop_at_eos``) or at a stop string."""
     produced: list[int] = []
     held, text = StopStrings(sampling.stop), ""
-    pad_id = tokenizer.pad_id or 0
-    for step in generate_tokens(model, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=pad_id, decoder=decoder):
+    for step in steps:
         token = step[0]
         if token is None or (token == tokenizer.eos_id and sampling.stop_at_eos):
             break

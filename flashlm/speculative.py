@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from flashlm.errors import CheckpointError, ConfigError
-from flashlm.generation import DECODERS, Sampling, StopStrings, decode_after, next_token_scores, pick
+from flashlm.generation import DECODERS, Sampling, next_token_scores, pick, stream_pieces
 from flashlm.model.cache import KVCache
 from flashlm.model.chunk_step import ChunkStep
 from flashlm.model.decoding import DecodeStep
@@ -239,19 +239,8 @@ def speculative_stream(
     """`flashlm.generation.stream` with a draft model: the text of the continuation piece by piece,
     honouring stop strings and eos the same way."""
     ids = tokenizer.encode(prompt, add_bos=add_bos)
-    produced: list[int] = []
-    held, text = StopStrings(sampling.stop), ""
-    for (token,) in speculative_tokens(target, draft, ids, sampling, tokenizer.eos_id, lookahead, stats):
-        if token == tokenizer.eos_id and sampling.stop_at_eos:
-            break
-        produced.append(token)
-        text = decode_after(tokenizer, ids, produced)
-        if piece := held.feed(text):
-            yield piece
-        if held.stopped:
-            return
-    if piece := held.flush(text):
-        yield piece
+    steps = speculative_tokens(target, draft, ids, sampling, tokenizer.eos_id, lookahead, stats)
+    yield from stream_pieces(tokenizer, ids, steps, sampling)
 
 
 def speculative_generate(
