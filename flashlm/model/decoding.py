@@ -26,6 +26,8 @@ except where two logits tie to within it (in bf16 that happens within a few doze
 
 from __future__ import annotations
 
+import functools
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -105,7 +107,11 @@ class DecodeStep:
         self.position = torch.zeros((), dtype=torch.long, device=self.device)
         self.no_padding: torch.Tensor | None = None
         self.compiled = compile
-        self.run = compiled_step() if compile else decode_step
+        if compile:
+            self.run = compiled_step(model)
+        else:
+            weights = self.weights
+            self.run = lambda shape, *args: decode_step(shape, weights, *args)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -127,7 +133,6 @@ class DecodeStep:
             slot_index = slot_index[:used]
         logits = self.run(
             self.shape,
-            self.weights,
             keys,
             values,
             cache.slots,
@@ -191,9 +196,13 @@ def _prepare_weights(model: FlashLM) -> dict:
 _PREPARED: weakref.WeakKeyDictionary[FlashLM, tuple[tuple, dict]] = weakref.WeakKeyDictionary()
 
 
+def _weights_key(model: FlashLM) -> tuple:
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+
+
 def prepared_weights(model: FlashLM) -> dict:
     """The step's view of the model's weights (see `_prepare_weights`), reused while they are unchanged."""
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+    key = _weights_key(model)
     held = _PREPARED.get(model)
     if held is None or held[0] != key:
         with torch.no_grad():
@@ -317,12 +326,85 @@ def decode_step(
     return logits
 
 
+class _FrozenStep(torch.nn.Module):
+    """`decode_step` over weights held as buffers, so that `torch.compile` with freezing takes them for
+    constants: Inductor then packs each projection matrix once, when it compiles, into the blocked layout
+    of its C++ GEMM micro-kernels, and ``max_autotune`` times those against the ATen matmul for every
+    shape and keeps the faster. A CPU decode step multiplies a few rows by every weight matrix, where
+    packing the weights at each call (what a plain matmul does) costs as much as the product."""
+
+    def __init__(self, weights: dict) -> None:
+        super().__init__()
+        self.names = [[name for name, w in layer.items() if w is not None] for layer in weights["layers"]]
+        for i, layer in enumerate(weights["layers"]):
+            for name in self.names[i]:
+                self.register_buffer(f"layer{i}_{name}", layer[name], persistent=False)
+        for name in ("embed", "final_norm", "head"):
+            self.register_buffer(name, weights[name], persistent=False)
+
+    def forward(self, shape: _Shape, *args) -> torch.Tensor:
+        layers = [
+            {name: getattr(self, f"layer{i}_{name}", None) for name in _LAYER_WEIGHTS} for i in range(len(self.names))
+        ]
+        weights = {"embed": self.embed, "final_norm": self.final_norm, "head": self.head, "layers": layers}
+        return decode_step(shape, weights, *args)
+
+
+_LAYER_WEIGHTS = (
+    "attn_norm", "qkv", "q_norm", "k_norm", "o", "post_attn_norm", "mlp_norm", "gate_up", "down", "post_mlp_norm"
+)  # fmt: skip
+# Inductor options of the frozen CPU step: weights as constants, GEMMs chosen by timing between Inductor's
+# C++ micro-kernels and ATen (the first call takes tens of seconds more; results are cached on disk).
+FROZEN_OPTIONS = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,  # no timing tables on stderr
+    "max_autotune_report_choices_stats": False,
+}
+# Inductor's GEMM autotuning calls a deprecated storage API (a warning for torch's developers, not users).
+warnings.filterwarnings("ignore", message="TypedStorage is deprecated", module=r"torch\._inductor\.")
+_FROZEN: weakref.WeakKeyDictionary[FlashLM, tuple[tuple, object]] = weakref.WeakKeyDictionary()
 _COMPILED = None
 
 
-def compiled_step():
-    """`decode_step` under `torch.compile` (one wrapper per process; Dynamo keeps a graph per shape)."""
+def _skip_own_guards(entries) -> list[bool]:
+    """Keep Dynamo's guards on the step's arguments (their shapes and the `_Shape` pick the graph) and drop
+    the hundred on the `_FrozenStep` itself: it is private to one model and weights version and never
+    changes, and checking its buffers cost a tenth of a small model's step."""
+    return [not entry.name.startswith("self") for entry in entries]
+
+
+def _run_frozen(compiled, *args) -> torch.Tensor:
+    # Dynamo reads `freezing` from the global Inductor config when it traces (to keep the buffers as
+    # constants rather than graph inputs), so it is set around the call and nowhere else.
+    config = torch._inductor.config
+    before = config.freezing
+    config.freezing = True
+    try:
+        return compiled(*args)
+    finally:
+        config.freezing = before
+
+
+def compiled_step(model: FlashLM):
+    """`decode_step` under `torch.compile`, called as ``run(shape, keys, values, ...)`` (the arguments of
+    `decode_step` after the weights). On the CPU, for models whose weights `_prepare_weights` fuses, one
+    frozen graph per model and weights version (`_FrozenStep`); otherwise one wrapper per process that
+    takes the weights as inputs (Dynamo keeps a graph per shape)."""
     global _COMPILED
+    weights = prepared_weights(model)
+    device = next(model.parameters()).device
+    if device.type == "cpu" and isinstance(weights["layers"][0]["qkv"], torch.Tensor):
+        key = _weights_key(model)
+        held = _FROZEN.get(model)
+        if held is None or held[0] != key:
+            options = {"cpp_wrapper": True, "guard_filter_fn": _skip_own_guards, **FROZEN_OPTIONS}
+            compiled = torch.compile(_FrozenStep(weights), fullgraph=True, dynamic=False, options=options)
+            held = (key, functools.partial(_run_frozen, compiled))
+            _FROZEN[model] = held
+        return held[1]
     if _COMPILED is None:
         _COMPILED = torch.compile(decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-    return _COMPILED
+    compiled = _COMPILED
+    return lambda shape, *args: compiled(shape, weights, *args)
