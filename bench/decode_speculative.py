@@ -252,8 +252,19 @@ def markdown_lines(report: dict[str, Any]) -> list[str]:
         f"positions {c['check_pass']:.2f}. A round giving out t tokens costs {s['lookahead']} x "
         f"{c['draft_step']:.2f} + {c['check_pass']:.2f} steps, so the speedup is about t / "
         f"{s['lookahead'] * c['draft_step'] + c['check_pass']:.2f}: {s['tokens_per_round']:.2f} tokens a round "
-        f"here, and {c['ceiling']:.2f}x if every proposal were kept.",
+        f"here, and {c['ceiling']:.2f}x if every proposal were kept. Even then, {GOAL_SPEEDUP}x at this "
+        f"lookahead needs a draft step of at most {_draft_step_for_goal(s['lookahead'], c['check_pass']):.2f} "
+        "teacher steps. At this size a decode step's cost is mostly per-layer work and per-step overhead, "
+        "which shrink with the draft's depth and not with its parameter count, so a student at the "
+        "teacher's width costs more than its share of parameters suggests; the goal needs a draft far "
+        "cheaper than this one, whatever it proposes.",
     ]
+
+
+def _draft_step_for_goal(lookahead: int, check_pass: float) -> float:
+    """The dearest draft step (in teacher steps) with which keeping every proposal reaches the goal:
+    (lookahead + 1) / (lookahead x draft + check) = GOAL_SPEEDUP, solved for draft."""
+    return max(0.0, ((lookahead + 1) / GOAL_SPEEDUP - check_pass) / lookahead)
 
 
 def main() -> None:

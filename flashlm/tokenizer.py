@@ -28,7 +28,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from flashlm.errors import ConfigError, DataError
+from flashlm.errors import CheckpointError, ConfigError, DataError
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<mask>", "<sep>")
 PAD_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID = range(len(SPECIAL_TOKENS))
@@ -151,6 +151,15 @@ class Tokenizer:
         before = self.decode(tail)
         joined = self.decode(tail + ids)
         return joined[len(before) :] if joined.startswith(before) else self.decode(ids)
+
+    def check_fits(self, vocab_size: int, where: str | os.PathLike) -> None:
+        """Raise a one-line CheckpointError when this tokenizer has ids a model with `vocab_size` embeddings
+        lacks (found here rather than as an IndexError in the middle of a generation)."""
+        if self.vocab_size > vocab_size:
+            raise CheckpointError(
+                f"{where}: its tokenizer has {self.vocab_size} ids but the model's vocabulary has only "
+                f"{vocab_size}; put the tokenizer the model was trained with in the folder"
+            )
 
     def _frame(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos:

@@ -1,4 +1,4 @@
-"""What several command groups share: the stderr console, the --precision check, device and model loading
+"""What several command groups share: the stderr console, the --precision and sampling checks, device and model loading
 (with the tokenizer-fits-the-model check), the writable-output check, the one-line result echo and the
 masked-prediction convention option."""
 
@@ -28,6 +28,18 @@ def check_precision(value: str) -> str:
     return value
 
 
+def sampling_options(command: str, **options):
+    """`flashlm.generation.Sampling(**options)`, its range checks turned into one ConfigError line that
+    names the command."""
+    from flashlm.errors import ConfigError
+    from flashlm.generation import Sampling
+
+    try:
+        return Sampling(**options)
+    except ValueError as exc:
+        raise ConfigError(f"{command}: " + " ".join(str(exc).split())) from None
+
+
 def eval_device(device: str) -> str:
     """--device: "auto" is cuda when available, else cpu."""
     from flashlm.hardware import default_device
@@ -43,7 +55,6 @@ def eval_load(model_dir: Path, device: str, tokenizer: bool = True):
 def load_model(model_dir: Path, tokenizer: bool = True, **kwargs):
     """(model, tokenizer or None) of a model directory (`kwargs` go to `FlashLM.from_pretrained`); a tokenizer
     with more ids than the model's vocabulary is refused here, not as an IndexError mid-generation."""
-    from flashlm.errors import CheckpointError
     from flashlm.model.transformer import FlashLM
     from flashlm.tokenizer import Tokenizer
 
@@ -51,11 +62,7 @@ def load_model(model_dir: Path, tokenizer: bool = True, **kwargs):
     if not tokenizer:
         return model, None
     tok = Tokenizer.load(model_dir)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise CheckpointError(
-            f"{model_dir}: its tokenizer has {tok.vocab_size} ids but the model's vocabulary has only "
-            f"{model.cfg.vocab_size}; put the tokenizer the model was trained with in the folder"
-        )
+    tok.check_fits(model.cfg.vocab_size, model_dir)
     return model, tok
 
 

@@ -15,6 +15,7 @@ from flashlm.cli.common import (
     eval_load,
     load_model,
     next_token_convention,
+    sampling_options,
     writable_out,
 )
 
@@ -49,9 +50,8 @@ def generate(
     ] = False,
 ) -> None:
     """Generate text from a model, streaming tokens to the terminal."""
-    from flashlm.errors import ConfigError
-    from flashlm.generation import Sampling, stream
     from flashlm.generation import generate as generate_batch
+    from flashlm.generation import stream
     from flashlm.hardware import dtype_of, resolve_precision
     from flashlm.speculative import load_draft, speculative_generate, speculative_stream
 
@@ -59,19 +59,17 @@ def generate(
     dtype = dtype_of(resolve_precision(check_precision(precision), "cpu"))
     model, tokenizer = load_model(model_dir, dtype=dtype)
     draft_model = None if draft is None else load_draft(draft, model, tokenizer, dtype=dtype)
-    try:
-        sampling = Sampling(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            stop=tuple(stop or ()),
-            seed=seed,
-            prefix_lm=prefix_lm,
-        )
-    except ValueError as exc:  # Sampling's own range checks, when it has them: one line, not a traceback
-        raise ConfigError(" ".join(str(exc).split())) from None
+    sampling = sampling_options(
+        "generate",
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop or ()),
+        seed=seed,
+        prefix_lm=prefix_lm,
+    )
     prompt = [fit_prompt(tokenizer, text, model.cfg.max_seq_len, max_new_tokens) for text in prompt]
     decoder = "compiled" if compile else "fast"
     if len(prompt) == 1:

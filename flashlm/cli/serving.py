@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import INFERENCE_PRECISION, check_precision, console
+from flashlm.cli.common import INFERENCE_PRECISION, check_precision, console, sampling_options
 
 
 def serve(
@@ -105,21 +105,17 @@ def chat(
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
 ) -> None:
     """Chat in the terminal: one message a line ("User: …\\nAssistant:" template); /reset, /exit or EOF."""
-    from flashlm.errors import ConfigError
-    from flashlm.generation import Sampling
     from flashlm.serve.engine import Engine, chat_repl
 
-    try:  # Sampling's range checks, before the model loads: one line naming the value
-        sampling = Sampling(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"chat: {exc}") from None
+    sampling = sampling_options(  # before the model loads
+        "chat",
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     engine = Engine.load(model_dir, device=device, precision=check_precision(precision))
     interactive = sys.stdin.isatty()
     if interactive:

@@ -15,7 +15,9 @@ slots, and attend under that mask. Eager, a whole-context layer attends over the
 compiled (``compile=True``), over the whole preallocated cache, so that every step has the same tensor
 shapes and `torch.compile` compiles the step once per model configuration, batch size and cache
 length instead of once per position. `generate_tokens` gives the compiled step a cache of the model's
-whole context, so later generations reuse the graph whatever their prompt length.
+whole context, so later generations reuse the graph whatever their prompt length. On the CPU the
+compiled step freezes the weights into its graph (`_FrozenStep`): the projection matrices are packed once
+for Inductor's C++ GEMM micro-kernels instead of at every matmul call, the largest saving at this size.
 
 The step is the decode step of `FlashLM.forward` with a cache after the prompt: the same masks (in
 prefix-LM mode the prefix is the prompt, already written, so the mask is the causal one), positions
@@ -335,24 +337,23 @@ class _FrozenStep(torch.nn.Module):
 
     def __init__(self, weights: dict) -> None:
         super().__init__()
-        self.names = [[name for name, w in layer.items() if w is not None] for layer in weights["layers"]]
+        self.layer_names = [list(layer) for layer in weights["layers"]]
         for i, layer in enumerate(weights["layers"]):
-            for name in self.names[i]:
-                self.register_buffer(f"layer{i}_{name}", layer[name], persistent=False)
+            for name, weight in layer.items():
+                if weight is not None:  # absent norms stay None (`getattr` default below)
+                    self.register_buffer(f"layer{i}_{name}", weight, persistent=False)
         for name in ("embed", "final_norm", "head"):
             self.register_buffer(name, weights[name], persistent=False)
 
     def forward(self, shape: _Shape, *args) -> torch.Tensor:
         layers = [
-            {name: getattr(self, f"layer{i}_{name}", None) for name in _LAYER_WEIGHTS} for i in range(len(self.names))
+            {name: getattr(self, f"layer{i}_{name}", None) for name in names}
+            for i, names in enumerate(self.layer_names)
         ]
         weights = {"embed": self.embed, "final_norm": self.final_norm, "head": self.head, "layers": layers}
         return decode_step(shape, weights, *args)
 
 
-_LAYER_WEIGHTS = (
-    "attn_norm", "qkv", "q_norm", "k_norm", "o", "post_attn_norm", "mlp_norm", "gate_up", "down", "post_mlp_norm"
-)  # fmt: skip
 # Inductor options of the frozen CPU step: weights as constants, GEMMs chosen by timing between Inductor's
 # C++ micro-kernels and ATen (the first call takes tens of seconds more; results are cached on disk).
 FROZEN_OPTIONS = {
@@ -364,14 +365,16 @@ FROZEN_OPTIONS = {
 }
 # Inductor's GEMM autotuning calls a deprecated storage API (a warning for torch's developers, not users).
 warnings.filterwarnings("ignore", message="TypedStorage is deprecated", module=r"torch\._inductor\.")
+FROZEN_GRAPHS = 64  # graphs one frozen step may hold: one per batch size and cache length it meets
 _FROZEN: weakref.WeakKeyDictionary[FlashLM, tuple[tuple, object]] = weakref.WeakKeyDictionary()
 _COMPILED = None
 
 
 def _skip_own_guards(entries) -> list[bool]:
-    """Keep Dynamo's guards on the step's arguments (their shapes and the `_Shape` pick the graph) and drop
-    the hundred on the `_FrozenStep` itself: it is private to one model and weights version and never
-    changes, and checking its buffers cost a tenth of a small model's step."""
+    """Dynamo's guards less those on the `_FrozenStep` itself (several per buffer, checked at every call):
+    its graphs are kept apart from every other frozen step's (``isolate_recompiles``) and it belongs to
+    one model and weights version, so they could never fail. The guards on the step's arguments (their
+    shapes, the `_Shape`) pick the graph and all stay."""
     return [not entry.name.startswith("self") for entry in entries]
 
 
@@ -400,7 +403,14 @@ def compiled_step(model: FlashLM):
         held = _FROZEN.get(model)
         if held is None or held[0] != key:
             options = {"cpp_wrapper": True, "guard_filter_fn": _skip_own_guards, **FROZEN_OPTIONS}
-            compiled = torch.compile(_FrozenStep(weights), fullgraph=True, dynamic=False, options=options)
+            compiled = torch.compile(
+                _FrozenStep(weights),
+                fullgraph=True,
+                dynamic=False,
+                options=options,
+                isolate_recompiles=True,  # this model's graphs only, counted against its own limit
+                recompile_limit=FROZEN_GRAPHS,
+            )
             held = (key, functools.partial(_run_frozen, compiled))
             _FROZEN[model] = held
         return held[1]

@@ -89,6 +89,7 @@ class Engine:
         dtype = dtype_of(resolve_precision(precision, device))
         model = FlashLM.from_pretrained(model_dir, device=device, dtype=dtype)
         tokenizer = Tokenizer.load(model_dir)
+        tokenizer.check_fits(model.cfg.vocab_size, model_dir)
         draft = None if draft_dir is None else load_draft(draft_dir, model, tokenizer, device, dtype)
         draft_name = "draft" if draft_dir is None else _run_name(draft_dir)
         name = name or _run_name(model_dir)

@@ -142,3 +142,10 @@ def test_compiled_decoder_gives_the_reference_tokens(flavour):
     # a second generation with other prompt lengths reuses the graph: still the reference tokens
     others = [[1, 2, 3], [1, 4], [1, 5, 6, 7, 8]]
     assert tokens(model, others, "compiled") == tokens(model, others, "reference")
+    if flavour == "llama":
+        # the CPU graph holds the weights as constants: changed weights must give a new graph, not stale logits
+        frozen = decoding.compiled_step(model)
+        with torch.no_grad():
+            model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+        assert decoding.compiled_step(model) is not frozen
+        assert tokens(model, PROMPTS, "compiled") == tokens(model, PROMPTS, "reference") != reference
