@@ -355,7 +355,8 @@ class _FrozenStep(torch.nn.Module):
 
 
 # Inductor options of the frozen CPU step: weights as constants, GEMMs chosen by timing between Inductor's
-# C++ micro-kernels and ATen (the first call takes tens of seconds more; results are cached on disk).
+# C++ micro-kernels and ATen. Compiling takes tens of seconds (GEMM templates rendered and built with the
+# C++ compiler, each choice timed) and is not reused across processes: frozen graphs bypass the FX cache.
 FROZEN_OPTIONS = {
     "freezing": True,
     "max_autotune": True,
