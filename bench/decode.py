@@ -433,9 +433,8 @@ def markdown(report: dict[str, Any]) -> str:
         "shapes every step, so it compiles once), with the norms, RoPE, cache writes, masks and the one-query "
         "attention fused into loops between the matmuls. On the CPU the weights are frozen into that graph "
         "(Inductor `freezing`): each projection matrix is packed once into the layout of Inductor's C++ GEMM "
-        "micro-kernels, and `max_autotune` times those against ATen's matmul for every shape and keeps the "
-        "faster; Dynamo's guards on the frozen weights are "
-        "dropped (the graph belongs to one model and weights version).",
+        "template (`max_autotune` with the CPP backend), which multiplies by it without repacking; Dynamo's "
+        "guards on the frozen weights are dropped (the graph belongs to one model and weights version).",
         "",
         "Rerun: `.venv/bin/python bench/decode.py` (`--rounds`, `--threads`, `--no-compile`, `--quick`; writes "
         "`bench/results/decode.json`; `--report-only` rewrites this section from it).",

@@ -1,6 +1,6 @@
-"""What several command groups share: the stderr console, the --precision and sampling checks, device and model loading
-(with the tokenizer-fits-the-model check), the writable-output check, the one-line result echo and the
-masked-prediction convention option."""
+"""What several command groups share: the stderr console, the --precision and sampling checks, device and
+model loading (with the tokenizer-fits-the-model check), the writable-output check, the one-line result
+echo and the masked-prediction convention option."""
 
 from __future__ import annotations
 

@@ -331,9 +331,9 @@ def decode_step(
 class _FrozenStep(torch.nn.Module):
     """`decode_step` over weights held as buffers, so that `torch.compile` with freezing takes them for
     constants: Inductor then packs each projection matrix once, when it compiles, into the blocked layout
-    of its C++ GEMM micro-kernels, and ``max_autotune`` times those against the ATen matmul for every
-    shape and keeps the faster. A CPU decode step multiplies a few rows by every weight matrix, where
-    packing the weights at each call (what a plain matmul does) costs as much as the product."""
+    of its C++ GEMM template (``max_autotune`` with the CPP backend). A CPU decode step multiplies a few
+    rows by every weight matrix, where packing the weights at each call (what a plain matmul does) costs
+    as much as the product."""
 
     def __init__(self, weights: dict) -> None:
         super().__init__()
@@ -354,13 +354,15 @@ class _FrozenStep(torch.nn.Module):
         return decode_step(shape, weights, *args)
 
 
-# Inductor options of the frozen CPU step: weights as constants, GEMMs chosen by timing between Inductor's
-# C++ micro-kernels and ATen. Compiling takes tens of seconds (GEMM templates rendered and built with the
-# C++ compiler, each choice timed) and is not reused across processes: frozen graphs bypass the FX cache.
+# Inductor options of the frozen CPU step: weights as constants, every projection through Inductor's C++
+# GEMM template (it has a plain C++ micro-kernel where the CPU lacks a vectorised one). ATen is left out of
+# the choice: picking by timing on a shared CPU varies from run to run, and ATen's matmul repacks the
+# weights at every call. Compiling takes tens of seconds (the templates are rendered and built with the C++
+# compiler) and is not reused across processes: frozen graphs bypass Inductor's FX graph cache.
 FROZEN_OPTIONS = {
     "freezing": True,
     "max_autotune": True,
-    "max_autotune_gemm_backends": "CPP,ATEN",
+    "max_autotune_gemm_backends": "CPP",
     "autotune_num_choices_displayed": 0,  # no timing tables on stderr
     "max_autotune_report_choices_stats": False,
 }
