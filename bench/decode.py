@@ -330,8 +330,8 @@ def greedy_markdown(report: dict[str, Any]) -> list[str]:
                 for b in ("batch1", "batch8")
                 for f in ("gemma", "llama")
             )
-            + " (one graph per model configuration and batch size, reused by every later generation; inductor's "
-            "on-disk cache from an earlier run shortens it).",
+            + " (one graph per model, batch size and cache length, reused by every later generation in the "
+            "process; a frozen graph is not cached on disk, so each process compiles it again).",
         ]
     return lines
 
