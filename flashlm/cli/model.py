@@ -72,6 +72,8 @@ def generate(
     )
     prompt = [fit_prompt(tokenizer, text, model.cfg.max_seq_len, max_new_tokens) for text in prompt]
     decoder = "compiled" if compile else "fast"
+    if compile and draft_model is None:  # the first token waits for the compile: say why
+        console.print("compiling the decode step (once per process); the tokens then come faster")
     if len(prompt) == 1:
         typer.echo(prompt[0], nl=False)
         if draft_model is None:

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from corpora import stories
+from typer.testing import CliRunner
 
 import flashlm.model.decoding as decoding
 from flashlm.config import get_preset, replace
@@ -9,6 +11,7 @@ from flashlm.generation import Sampling, generate_tokens
 from flashlm.model.cache import KVCache
 from flashlm.model.decoding import DecodeStep
 from flashlm.model.transformer import FlashLM
+from flashlm.tokenizer import Tokenizer
 
 FLAVOURS = ["gemma", "llama"]
 # prompts of different lengths (left-padded together) and a window shorter than prompt + continuation
@@ -149,3 +152,16 @@ def test_compiled_decoder_gives_the_reference_tokens(flavour):
             model.layers[0].mlp.down_proj.weight.mul_(-3.0)
         assert decoding.compiled_step(model) is not frozen
         assert tokens(model, PROMPTS, "compiled") == tokens(model, PROMPTS, "reference") != reference
+
+
+def test_generate_cli_compile_prints_the_eager_text(tmp_path):
+    """`flashlm generate --compile` reaches the compiled step and prints what the eager step prints."""
+    from flashlm import cli
+
+    tokenizer = Tokenizer.train(iter(stories(200)), 512, show_progress=False)
+    model_dir = make_model("llama", max_seq_len=64).save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    args = ["generate", str(model_dir), "-p", "Once upon a time", "--temperature", "0", "--max-new-tokens", "20"]
+    eager, compiled = CliRunner().invoke(cli.app, args), CliRunner().invoke(cli.app, [*args, "--compile"])
+    assert eager.exit_code == 0 and compiled.exit_code == 0, compiled.output
+    assert compiled.stdout == eager.stdout and len(eager.stdout) > len("Once upon a time")
+    assert "compiling the decode step" in compiled.stderr
