@@ -87,8 +87,7 @@ class FlashLMEval(TemplateLM):
         dtype = dtype_of(resolve_precision(str(precision), device))
         self.model = FlashLM.from_pretrained(folder, device=device, dtype=dtype)
         self.tok = Tokenizer.load(folder)
-        if self.tok.vocab_size > self.model.cfg.vocab_size:
-            raise CheckpointError(f"{folder}: its tokenizer has more ids than the model's vocabulary")
+        self.tok.check_fits(self.model.cfg.vocab_size, folder)
         self.add_bos_token = _flag(add_bos_token)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() and int(batch_size) > 0 else 8
         self.max_gen_toks = int(max_gen_toks)

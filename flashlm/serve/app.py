@@ -56,6 +56,7 @@ from flashlm.serve.guard import (
     Limits,
     allowed_hosts_for,
     check_exposure,
+    error_body,
     until_disconnected,
 )
 from flashlm.speculative import DEFAULT_LOOKAHEAD
@@ -517,7 +518,7 @@ def _sse(engine: Engine, events: Callable[[threading.Event], Iterator[dict]]) ->
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+    return JSONResponse(error_body(message, kind, param), status_code=status)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

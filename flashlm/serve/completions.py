@@ -195,9 +195,10 @@ def complete(
                 with engine.generating():
                     choice.text = "".join(engine.pieces(prompt.ids, s, run, cancel=cancel))
                 choice.run, choice.finish_reason = run, run.finish_reason or "length"
-                choice.token_ids = _kept_ids(engine, choice)
-                if _eos_stopped(engine, choice, s.stop):
-                    choice.token_ids.append(engine.tokenizer.eos_id)
+                if top is not None:  # the ids only `logprobs_block` reads
+                    choice.token_ids = _kept_ids(engine, choice)
+                    if _eos_stopped(engine, choice, s.stop):
+                        choice.token_ids.append(engine.tokenizer.eos_id)
             choices.append(choice)
     body = []
     for index, choice in enumerate(choices):

@@ -60,7 +60,7 @@ from flashlm.training.optim import (
     seed_everything,
 )
 from flashlm.training.rundata import Data, open_data
-from flashlm.training.runlog import RunLog
+from flashlm.training.runlog import RUN_CONFIG_FILE, RunLog
 from flashlm.training.stopping import StopSignals, signal_name
 
 __all__ = [
@@ -77,7 +77,6 @@ __all__ = [
 ]
 
 ObjectiveFactory = Callable[[Data, DistEnv], Objective]
-RUN_CONFIG_FILE = "config.yaml"  # what RunLog writes first into a run folder: it marks one
 
 
 # ---- model and optimizer -------------------------------------------------------------------------

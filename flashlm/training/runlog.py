@@ -17,6 +17,7 @@ from flashlm.hardware import default_device, resolve_precision
 from flashlm.training.progress import progress_bar
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
+RUN_CONFIG_FILE = "config.yaml"  # what RunLog writes first into a run folder: it marks one
 
 
 class RunLog:
@@ -36,7 +37,7 @@ class RunLog:
         from rich.console import Console
 
         self.out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, self.out / "config.yaml")
+        save_yaml(cfg, self.out / RUN_CONFIG_FILE)
         _truncate_metrics(self.out / METRICS_FILE, start)
         tcfg = cfg.train
         self.steps, self.minutes, self.start, self.began = tcfg.steps, tcfg.minutes, start, time.perf_counter()

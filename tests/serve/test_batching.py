@@ -16,7 +16,6 @@ import time
 import httpx
 import pytest
 import torch
-from corpora import stories
 
 from flashlm import cli
 from flashlm.config import get_preset, replace
@@ -24,7 +23,6 @@ from flashlm.generation import Sampling, generate_tokens
 from flashlm.model.transformer import FlashLM
 from flashlm.serve.batching import _END, Scheduler, Ticket
 from flashlm.serve.engine import Engine, Run
-from flashlm.tokenizer import Tokenizer
 
 
 def tiny(flavour: str = "gemma", seed: int = 0, max_seq_len: int = 64) -> FlashLM:
@@ -210,13 +208,8 @@ def test_a_failing_step_reaches_its_callers_and_the_scheduler_goes_on(monkeypatc
 
 # ---- the engine and the server --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tokenizer = Tokenizer.train(iter(stories(300)), 512, show_progress=False)
-    torch.manual_seed(0)
-    model = FlashLM(get_preset("nano")).eval()
-    with torch.no_grad():
-        model.embed.weight.mul_(4.0)
-    return model.save_pretrained(tmp_path_factory.mktemp("batching") / "tiny", tokenizer=tokenizer)
+def model_dir(tmp_path_factory, save_tiny_model):
+    return save_tiny_model(tmp_path_factory.mktemp("batching") / "tiny")
 
 
 def test_concurrent_requests_get_the_serial_texts_with_their_own_stop_strings(model_dir):

@@ -7,27 +7,18 @@ import json
 
 import pytest
 import torch
-from corpora import stories
 from fastapi.testclient import TestClient
 
-from flashlm.config import get_preset
 from flashlm.evaluate.lm import perplexity
-from flashlm.model.transformer import FlashLM
 from flashlm.serve import app as serve_app
 from flashlm.serve.engine import Engine
-from flashlm.tokenizer import Tokenizer
 
 PROMPT = "Once upon a time, there was a little"
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    tokenizer = Tokenizer.train(iter(stories(300)), 512, show_progress=False)
-    torch.manual_seed(0)
-    model = FlashLM(get_preset("nano")).eval()
-    with torch.no_grad():
-        model.embed.weight.mul_(4.0)
-    engine = Engine.load(model.save_pretrained(tmp_path_factory.mktemp("cmpl") / "tiny", tokenizer=tokenizer))
+def engine(tmp_path_factory, save_tiny_model):
+    engine = Engine.load(save_tiny_model(tmp_path_factory.mktemp("cmpl") / "tiny"))
     yield engine
     engine.close()
 

@@ -19,13 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from corpora import stories
 from fastapi.testclient import TestClient
 
-from flashlm.config import get_preset, replace
 from flashlm.errors import ConfigError
 from flashlm.generation import Sampling, next_token_scores, pick, safe_probs
-from flashlm.model.transformer import FlashLM
 from flashlm.serve import app as serve_app
 from flashlm.serve.engine import Engine
 from flashlm.serve.guard import (
@@ -35,21 +32,15 @@ from flashlm.serve.guard import (
     check_exposure,
     is_loopback,
 )
-from flashlm.tokenizer import Tokenizer
 
 PROMPT = "Once upon a time, there was a little"
 LONG_CONTEXT = 2048  # room for a generation long enough to abandon
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A nano model with a long context (random weights, sharpened) + a 512-token BPE."""
-    tokenizer = Tokenizer.train(iter(stories(300)), 512, show_progress=False)
-    torch.manual_seed(0)
-    model = FlashLM(replace(get_preset("nano"), max_seq_len=LONG_CONTEXT)).eval()
-    with torch.no_grad():
-        model.embed.weight.mul_(4.0)
-    return model.save_pretrained(tmp_path_factory.mktemp("guard") / "tiny", tokenizer=tokenizer)
+def model_dir(tmp_path_factory, save_tiny_model):
+    """The tiny model with a long context."""
+    return save_tiny_model(tmp_path_factory.mktemp("guard") / "tiny", max_seq_len=LONG_CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import threading
 
 import pytest
 import torch
-from corpora import stories
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -25,14 +24,8 @@ PROMPT = "Once upon a time, there was a little"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A nano model (random weights, sharpened so greedy paths are not ties) + a 512-token BPE."""
-    tokenizer = Tokenizer.train(iter(stories(300)), 512, show_progress=False)
-    torch.manual_seed(0)
-    model = FlashLM(get_preset("nano")).eval()
-    with torch.no_grad():
-        model.embed.weight.mul_(4.0)
-    return model.save_pretrained(tmp_path_factory.mktemp("serve") / "tiny", tokenizer=tokenizer)
+def model_dir(tmp_path_factory, save_tiny_model):
+    return save_tiny_model(tmp_path_factory.mktemp("serve") / "tiny")
 
 
 @pytest.fixture(scope="module")
