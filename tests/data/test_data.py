@@ -322,16 +322,21 @@ def cli_failures(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     (d / "bad.txt").write_bytes(b"ok\n\x80\n")
     tok = write_stories(d / "stories.txt", 300)
     Tokenizer.train(tok, 300, show_progress=False).save(d / "tok")
-    prep = ("data", "prepare", "--tokenizer", d / "tok", "--out", d / "out")
+
+    # Each case has its own --out folder: the processes run at once, and the writability probe
+    # removes a folder it made, which would race with another process probing the same one.
+    def prep(out: str) -> tuple:
+        return ("data", "prepare", "--tokenizer", d / "tok", "--out", d / out)
+
     cases = {
-        "tokenizer input missing": ("tokenizer", "train", d / "nope.txt", "--out", d / "t"),
-        "vocab too small": ("tokenizer", "train", tok, "--vocab-size", 100, "--out", d / "t"),
-        "data input missing": (*prep, d / "nope.txt"),
-        "empty corpus": (*prep, d / "blank.txt"),
-        "no matching files": (*prep, d / "nothing"),
-        "undecodable bytes": (*prep, d / "bad.txt"),
-        "tokenizer missing": ("data", "prepare", tok, "--tokenizer", d / "none", "--out", d / "out"),
-        "bad txt mode": (*prep, tok, "--txt-mode", "para"),
+        "tokenizer input missing": ("tokenizer", "train", d / "nope.txt", "--out", d / "t1"),
+        "vocab too small": ("tokenizer", "train", tok, "--vocab-size", 100, "--out", d / "t2"),
+        "data input missing": (*prep("o1"), d / "nope.txt"),
+        "empty corpus": (*prep("o2"), d / "blank.txt"),
+        "no matching files": (*prep("o3"), d / "nothing"),
+        "undecodable bytes": (*prep("o4"), d / "bad.txt"),
+        "tokenizer missing": ("data", "prepare", tok, "--tokenizer", d / "none", "--out", d / "o5"),
+        "bad txt mode": (*prep("o6"), tok, "--txt-mode", "para"),
     }
     procs = {name: flashlm(*args) for name, args in cases.items()}
     return {name: (p.wait(), *p.communicate()) for name, p in procs.items()}
