@@ -235,6 +235,25 @@ def add_bos_post_processor(backend: tokenizers.Tokenizer) -> bool:
     return True
 
 
+# ---- the shape of a tokenizer.json, read by the fast encoder and the GGUF exporter ---------------
+def is_gpt2_byte_level(spec: dict) -> bool:
+    """Whether the tokenizer.json ``spec`` pre-tokenizes as `Tokenizer.train` does: ByteLevel with GPT-2's
+    split regex, no prefix space and no normalizer (the shape tiktoken and llama.cpp's gpt-2 can run)."""
+    pre = spec.get("pre_tokenizer") or {}
+    plain = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+    return bool(plain) and not spec.get("normalizer")
+
+
+def bpe_merge_pairs(spec: dict) -> list[tuple[str, str]]:
+    """The BPE merges of the tokenizer.json ``spec`` as pairs, in rank order (the file stores each as an
+    ``[a, b]`` list or an ``"a b"`` string)."""
+    pairs = []
+    for merge in (spec.get("model") or {}).get("merges", []):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        pairs.append((left, right))
+    return pairs
+
+
 def _first_id(backend: tokenizers.Tokenizer, names: tuple[str, ...]) -> int | None:
     for name in names:
         token_id = backend.token_to_id(name)
@@ -260,4 +279,6 @@ __all__ = [
     "TOKENIZER_FILE",
     "Tokenizer",
     "add_bos_post_processor",
+    "bpe_merge_pairs",
+    "is_gpt2_byte_level",
 ]

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
+from flashlm.tokenizer import bpe_merge_pairs, is_gpt2_byte_level
+
 # tokenizers' ByteLevel(use_regex=True) split pattern, which is GPT-2's.
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -46,11 +48,10 @@ def tiktoken_encoding(tokenizer_json: str) -> Any | None:
     except ImportError:
         return None
     spec = json.loads(tokenizer_json)
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    model = spec.get("model") or {}
     plain_bpe = model.get("type") == "BPE" and not model.get("dropout") and not model.get("continuing_subword_prefix")
     plain_bpe = plain_bpe and not model.get("end_of_word_suffix") and not model.get("byte_fallback")
-    byte_level = pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") and pre.get("use_regex", True)
-    if not (plain_bpe and byte_level and spec.get("normalizer") is None):
+    if not (plain_bpe and is_gpt2_byte_level(spec)):
         return None
     to_byte = _unicode_to_byte()
     special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
@@ -61,15 +62,14 @@ def tiktoken_encoding(tokenizer_json: str) -> Any | None:
         if any(ch not in to_byte for ch in token):
             return None
         ranks[bytes(to_byte[ch] for ch in token)] = token_id
-    if len(ranks) < 256 or not _merges_in_id_order(model, ranks, to_byte):
+    if len(ranks) < 256 or not _merges_in_id_order(spec, ranks, to_byte):
         return None
     return tiktoken.Encoding("flashlm-bpe", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={})
 
 
-def _merges_in_id_order(model: dict, ranks: dict[bytes, int], to_byte: dict[str, int]) -> bool:
+def _merges_in_id_order(spec: dict, ranks: dict[bytes, int], to_byte: dict[str, int]) -> bool:
     last = -1
-    for merge in model.get("merges", []):
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+    for left, right in bpe_merge_pairs(spec):
         token_id = ranks.get(bytes(to_byte[ch] for ch in left + right))
         if token_id is None or token_id <= last:
             return False

@@ -48,6 +48,7 @@ from flashlm.config import ModelConfig
 from flashlm.errors import ConfigError, FlashLMError
 from flashlm.interop.hf import weight_name_map
 from flashlm.model.transformer import FlashLM
+from flashlm.tokenizer import bpe_merge_pairs, is_gpt2_byte_level
 
 GGUF_DTYPES = ("f32", "f16", "bf16")
 LLAMA_CPP_SWA_PERIOD = 6  # llama.cpp's gemma3: layer i is local when i % 6 < 5
@@ -160,7 +161,7 @@ def _tokenizer_kind(data: dict[str, Any]) -> str:
     if model.get("type") != "BPE":
         raise _refuse(f"only BPE tokenizers can go into GGUF here, this one is {model.get('type')!r}")
     if pre and pre.get("type") == "ByteLevel":
-        if not pre.get("use_regex", True) or pre.get("add_prefix_space", False) or normalizer:
+        if not is_gpt2_byte_level(data):
             raise _refuse(
                 "the byte-level tokenizer must split with the GPT-2 regex, add no prefix space and have no "
                 "normalizer (what `flashlm tokenizer train` writes) for llama.cpp's gpt-2 pre-tokenizer"
@@ -172,15 +173,6 @@ def _tokenizer_kind(data: dict[str, Any]) -> str:
         "the tokenizer is neither FlashLM's byte-level BPE nor a SentencePiece-style BPE "
         "(as `flashlm import llama2c` writes), the two kinds llama.cpp is given here"
     )
-
-
-def _merge_pairs(data: dict[str, Any]) -> list[tuple[str, str]]:
-    """The BPE merges as pairs (tokenizer.json stores them as [a, b] lists or "a b" strings)."""
-    merges = []
-    for merge in data["model"].get("merges", []):
-        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
-        merges.append((left, right))
-    return merges
 
 
 def _normalizer_steps(normalizer: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -225,7 +217,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         raise _refuse("the tokenizer's ids are not contiguous from 0")
     tokens = [by_id[i] for i in range(n)] + [f"[PAD{i}]" for i in range(n, vocab_size)]
     unk = data["model"].get("unk_token")
-    merges = _merge_pairs(data)
+    merges = bpe_merge_pairs(data)
     writer.add_tokenizer_model(kind)
     writer.add_token_list(tokens)
     writer.add_token_types(_token_types(gguf, tokenizer, kind, tokens, unk))
