@@ -98,9 +98,8 @@ def prepare_shards(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writers = {split: _SplitWriter(out, split, dtype) for split in SPLITS}
-    encoder_name = _choose_encoder(encoder, tok, first[0][1] if first else [])
-    frame = (tok.bos_id, tok.eos_id)
-    encoder = _Encoder(_batch_encoder(encoder_name, tok.to_str(), _cpus()), frame, dtype, val_fraction)
+    encoder_name, encode = _choose_encoder(encoder, tok, first[0][1] if first else [])
+    encoder = _Encoder(encode, (tok.bos_id, tok.eos_id), dtype, val_fraction)
     try:
         with _progress_bar(progress, _input_bytes(inputs)) as advance:
             for result in _encode_all(chunks, encoder, tok.to_str(), n_workers, encoder_name):
@@ -150,17 +149,19 @@ def _batch_encoder(name: str, tokenizer_json: str, threads: int) -> BatchEncoder
     return lambda texts: [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
 
-def _choose_encoder(requested: str, tok: Tokenizer, sample: list[str]) -> str:
-    """ "auto" takes tiktoken only when its ids equal `tokenizers`' on ``sample`` (the first chunk)."""
+def _choose_encoder(requested: str, tok: Tokenizer, sample: list[str]) -> tuple[str, BatchEncoder]:
+    """The encoder for this process and its name; "auto" takes tiktoken only when its ids equal
+    `tokenizers`' on ``sample`` (the first chunk)."""
     if requested not in ENCODERS:
         raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {requested!r}")
+    tok_json = tok.to_str()
     if requested != "auto":
-        return requested
-    fast = tiktoken_batch_encoder(tok.to_str(), threads=_cpus())
-    if fast is None:
-        return "tokenizers"
-    same = fast(sample) == _batch_encoder("tokenizers", tok.to_str(), _cpus())(sample)
-    return "tiktoken" if same else "tokenizers"
+        return requested, _batch_encoder(requested, tok_json, _cpus())
+    reference = _batch_encoder("tokenizers", tok_json, _cpus())
+    fast = tiktoken_batch_encoder(tok_json, threads=max(1, min(_cpus(), 8)))
+    if fast is not None and fast(sample) == reference(sample):
+        return "tiktoken", fast
+    return "tokenizers", reference
 
 
 def _chunks(documents: Iterable[str], chunk_docs: int) -> Iterator[Chunk]:
