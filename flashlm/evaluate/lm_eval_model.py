@@ -40,7 +40,7 @@ from lm_eval.api.registry import register_model
 
 from flashlm.errors import CheckpointError, FlashLMError
 from flashlm.evaluate.lm import IGNORE, batched, score_rows, sliding_windows
-from flashlm.generation import Sampling, decode_after, generate_tokens
+from flashlm.generation import Sampling, generate_tokens, stream_pieces
 
 log = logging.getLogger(__name__)
 
@@ -160,28 +160,14 @@ class FlashLMEval(TemplateLM):
                 temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
                 top_p=kwargs.get("top_p") if sample else None,
                 top_k=kwargs.get("top_k") if sample else None,
+                stop=until,
             )
             ids = self.tok_encode(context)[-(self.context - budget) :]
-            text = self._generate(ids, sampling, until)
+            steps = generate_tokens(self.model, [ids], sampling, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id or 0)
+            text = "".join(stream_pieces(self.tok, ids, steps, sampling))  # ends at <eos> or cut at a stop
             results.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return results
-
-    def _generate(self, ids: list[int], sampling: Sampling, until: list[str]) -> str:
-        """Decode after `ids` until ``<eos>``, the budget, or the first `until` string (cut there)."""
-        produced: list[int] = []
-        text = ""
-        steps = generate_tokens(self.model, [ids], sampling, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id or 0)
-        for step in steps:
-            token = step[0]
-            if token is None or token == self.tok.eos_id:
-                break
-            produced.append(token)
-            text = decode_after(self.tok, ids, produced)
-            if any(stop in text for stop in until):
-                break
-        cuts = [text.find(stop) for stop in until if stop and stop in text]
-        return text[: min(cuts)] if cuts else text
 
 
 def main(argv: list[str] | None = None) -> None:
