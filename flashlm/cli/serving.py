@@ -116,7 +116,7 @@ def chat(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    engine = Engine.load(model_dir, device=device, precision=check_precision(precision))
+    engine = Engine.load(model_dir, device=device, precision=check_precision(precision), batching="serial")
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(f"chatting with {engine.name}; /reset clears the conversation, /exit or Ctrl-D ends it", err=True)

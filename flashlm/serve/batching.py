@@ -39,38 +39,6 @@ DEFAULT_KV_BUDGET_MB = 1024
 _END = object()  # a ticket's queue: no more tokens
 
 
-class ModelLock:
-    """A lock that knows which thread holds it: `Engine.pieces` called under it decodes in the caller's
-    thread (the caller owns the model) instead of waiting for a scheduler that needs the same lock."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        got = self._lock.acquire(blocking, timeout)
-        if got:
-            self._owner = threading.get_ident()
-        return got
-
-    def release(self) -> None:
-        self._owner = None
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    def held_here(self) -> bool:
-        return self._owner == threading.get_ident()
-
-    def __enter__(self) -> ModelLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
 @dataclass(eq=False)
 class Ticket:
     """One request in the scheduler: its prompt, settings, produced tokens and output queue."""
@@ -175,7 +143,7 @@ class Scheduler:
         self,
         model: FlashLM,
         eos_id: int | None,
-        lock: ModelLock | None = None,
+        lock: threading.Lock | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_MB * 2**20,
         thread: bool = True,
@@ -183,7 +151,7 @@ class Scheduler:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.eos_id = model, eos_id
-        self.lock = lock or ModelLock()
+        self.lock = lock or threading.Lock()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.context = model.cfg.max_seq_len

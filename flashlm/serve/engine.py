@@ -5,9 +5,8 @@ framework. Streaming and non-streaming calls run the same code, so their texts a
 
 Two ways to share the model between concurrent requests (`batching`): "continuous" (the default) hands
 every request to a `Scheduler` (`serve/batching.py`) that decodes all running requests as one batch,
-admitting and retiring rows at every step; "serial" runs one request at a time behind `lock`. A caller
-that holds `lock` itself (e.g. `chat_repl`) always decodes in its own thread. With a draft model,
-decoding is speculative and serial.
+admitting and retiring rows at every step; "serial" runs one request at a time behind `lock`. With a
+draft model, decoding is speculative and serial. `flashlm chat` serves one person, so it runs serial.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from pathlib import Path
 from flashlm.chat import CHAT_STOP, chat_prompt
 from flashlm.generation import Sampling, StopStrings, generate_tokens
 from flashlm.model.transformer import FlashLM
-from flashlm.serve.batching import DEFAULT_KV_BUDGET_MB, DEFAULT_MAX_BATCH, ModelLock, Scheduler
+from flashlm.serve.batching import DEFAULT_KV_BUDGET_MB, DEFAULT_MAX_BATCH, Scheduler
 from flashlm.speculative import DEFAULT_LOOKAHEAD, load_draft, speculative_tokens
 
 BATCHING = ("continuous", "serial")
@@ -61,7 +60,7 @@ class Engine:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.draft, self.lookahead, self.draft_name = draft, lookahead, draft_name
-        self.lock = ModelLock()
+        self.lock = threading.Lock()
         self.scheduler: Scheduler | None = None
         if batching == "continuous" and draft is None:
             self.scheduler = Scheduler(model, tokenizer.eos_id, self.lock, max_batch, kv_budget_mb * 2**20)
@@ -111,7 +110,7 @@ class Engine:
         """The new tokens of one prompt, step by step (`generate_tokens`' protocol): from the scheduler's
         batch, or decoded here under `lock` (speculative with a draft)."""
         tok = self.tokenizer
-        if self.scheduler is not None and not self.lock.held_here():
+        if self.scheduler is not None:
             return self.scheduler.submit(ids, sampling).steps(cancel)
         if self.draft is not None:
             return speculative_tokens(self.model, self.draft, ids, sampling, tok.eos_id, self.lookahead)
@@ -222,7 +221,7 @@ def chat_repl(
                 if interactive:
                     write("assistant> ")
                 reply = []
-                with engine.lock:
+                with engine.generating():
                     for piece in engine.pieces(ids, sampling, Run(len(ids)), lstrip=True):
                         reply.append(piece)
                         write(piece)
