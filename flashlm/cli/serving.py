@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import INFERENCE_PRECISION, check_precision, console, sampling_options
+from flashlm.cli.common import INFERENCE_PRECISION, check_precision, sampling_options
 
 
 def serve(
@@ -61,12 +61,8 @@ def serve(
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web playground (/).
     Limits and options: docs/serving.md."""
     from flashlm.serve.app import serve as run_server
-    from flashlm.serve.guard import check_exposure, is_loopback
 
-    check_exposure(host, api_key, insecure)  # one line, before the model loads
-    if not is_loopback(host) and not api_key:
-        console.print(f"[yellow]warning:[/] listening on {host} with no API key: anyone who can reach it can use it")
-    run_server(
+    run_server(  # refuses an open non-loopback host in one line before the model loads
         model_dir,
         host=host,
         port=port,

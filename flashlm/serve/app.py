@@ -57,6 +57,7 @@ from flashlm.serve.guard import (
     allowed_hosts_for,
     check_exposure,
     error_body,
+    is_loopback,
     until_disconnected,
 )
 from flashlm.speculative import DEFAULT_LOOKAHEAD
@@ -403,6 +404,8 @@ def serve(
     import uvicorn
 
     check_exposure(host, api_key, insecure)  # before the model loads: a refusal costs nothing
+    if not is_loopback(host) and not api_key:
+        print(f"warning: listening on {host} with no API key: anyone who can reach it can use it", file=sys.stderr)
     limits = Limits(max_request_bytes, max_queue, api_key, allowed_hosts_for(host))
     app = load_app(model_dir, device, precision, draft_dir, lookahead, batching, max_batch, limits=limits)
     shown = "localhost" if host in ("0.0.0.0", "::") else host
