@@ -17,11 +17,11 @@ from functools import lru_cache
 from typing import Any
 
 ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOP = "\nUser:"  # generation stops when the model starts the next user turn
+CHAT_STOP = f"\n{ROLE_PREFIX['user']}:"  # generation stops when the model starts the next user turn
 
 # One line, so Jinja's trim_blocks / lstrip_blocks (transformers sets both) change nothing.
 CHAT_TEMPLATE = (
-    "{% set roles = {'system': 'System', 'user': 'User', 'assistant': 'Assistant'} %}"
+    "{% set roles = {" + ", ".join(f"'{role}': '{prefix}'" for role, prefix in ROLE_PREFIX.items()) + "} %}"
     "{{ bos_token or '' }}"
     "{% for message in messages %}"
     "{% if message['role'] not in roles %}"
@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
     "{% if not loop.first %}{{ '\\n' }}{% endif %}"
     "{{ roles[message['role']] + ': ' + message['content'] | trim }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\\nAssistant:' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '\\n" + ROLE_PREFIX["assistant"] + ":' }}{% endif %}"
 )
 
 

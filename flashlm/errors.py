@@ -15,3 +15,10 @@ class DataError(FlashLMError):
 
 class CheckpointError(FlashLMError):
     """A missing, truncated or inconsistent checkpoint."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what a
+    one-line error quotes of a library's multi-line complaint."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -28,7 +28,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from flashlm.errors import CheckpointError, ConfigError, DataError
+from flashlm.errors import CheckpointError, ConfigError, DataError, first_line
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<mask>", "<sep>")
 PAD_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID = range(len(SPECIAL_TOKENS))
@@ -101,7 +101,7 @@ class Tokenizer:
         try:
             return cls(tokenizers.Tokenizer.from_file(str(file)))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-            raise DataError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}") from None
+            raise DataError(f"cannot read tokenizer {file}: {first_line(exc)}") from None
 
     @classmethod
     def from_str(cls, json_str: str) -> Tokenizer:

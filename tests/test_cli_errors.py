@@ -197,3 +197,11 @@ def test_the_installed_entry_point_prints_one_line_too(model_dir):
     )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--top-k" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_first_line_quotes_one_line_of_any_message():
+    """What a one-line error quotes of a library's complaint: its first line, or its type when it is empty."""
+    from flashlm.errors import first_line
+
+    assert first_line(ValueError("  bad header\n  at byte 12\n")) == "bad header"
+    assert first_line(OSError()) == "OSError"

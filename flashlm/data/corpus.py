@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from flashlm.errors import DataError
+from flashlm.errors import DataError, first_line
 
 TXT_MODES = ("line", "blank")
 # What marks a `datasets` save_to_disk folder (the names `datasets.load_from_disk` looks for).
@@ -274,7 +274,7 @@ def _read_arrow(path: Path, field: str) -> Iterator[str]:
             reader = pa.ipc.open_file(pa.memory_map(str(path)))
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable Arrow file ({_first_line(exc)})") from None
+        raise DataError(f"{path}: not a readable Arrow file ({first_line(exc)})") from None
     names = reader.schema.names
     if field not in names:
         raise DataError(f"{path}: no column {field!r} (columns: {', '.join(names)}); choose one with --field")
@@ -293,7 +293,7 @@ def _read_saved_dataset(path: Path, field: str, split: str) -> Iterator[str]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # the library's own errors for a damaged folder vary (JSON, Arrow, OS)
-        raise DataError(f"{path}: not a readable datasets folder ({_first_line(exc)})") from None
+        raise DataError(f"{path}: not a readable datasets folder ({first_line(exc)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); choose one with --split")
@@ -329,7 +329,7 @@ def _read_hub(source: HubDataset, field: str) -> Iterator[str]:
             records = iter(ds)
         except Exception as exc:  # datasets raises many kinds (missing files, bad split, no network)
             hint = " (offline: not in the local Hugging Face cache)" if offline and not local else ""
-            raise DataError(f"{where}: cannot load it{hint}: {_first_line(exc)}") from None
+            raise DataError(f"{where}: cannot load it{hint}: {first_line(exc)}") from None
         number = 0
         while True:
             try:
@@ -337,7 +337,7 @@ def _read_hub(source: HubDataset, field: str) -> Iterator[str]:
             except StopIteration:
                 return
             except Exception as exc:  # a file that does not parse, a connection lost mid-stream
-                raise DataError(f"{where}: reading record {number} failed: {_first_line(exc)}") from None
+                raise DataError(f"{where}: reading record {number} failed: {first_line(exc)}") from None
             yield _field(record, field, f"{where} record {number}")
             number += 1
 
@@ -388,11 +388,6 @@ def _offline_mode(offline: bool) -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _from_iterable(items: Iterable[Any], field: str) -> Iterator[str]:

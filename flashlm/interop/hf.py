@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flashlm.config import ModelConfig
-from flashlm.errors import CheckpointError, FlashLMError
+from flashlm.errors import CheckpointError, FlashLMError, first_line
 from flashlm.model.transformer import FlashLM, save_safetensors
 
 if TYPE_CHECKING:
@@ -378,7 +378,7 @@ def import_hf(directory: str | Path) -> FlashLM:
     try:
         config = tf.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise FlashLMError(f"{directory}: unreadable transformers config ({reason})") from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise FlashLMError(
@@ -392,7 +392,7 @@ def import_hf(directory: str | Path) -> FlashLM:
             directory, config=config, local_files_only=True, trust_remote_code=False, **{dtype_key: torch.float32}
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{directory}: cannot load the weights ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{directory}: cannot load the weights ({first_line(exc)})") from None
     return from_hf_state_dict(config, hf_model.state_dict())
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashlm.errors import CheckpointError
+from flashlm.errors import CheckpointError, first_line
 from flashlm.model.transformer import WEIGHTS_FILE, FlashLM, _atomic_write
 
 NSP_HEAD_FILE = "nsp_head.safetensors"
@@ -219,6 +219,6 @@ class FlashLMForPretraining(nn.Module):
             try:
                 head.load_state_dict(state)
             except RuntimeError as exc:
-                reason = str(exc).splitlines()[0][:160]
+                reason = first_line(exc)[:160]
                 raise CheckpointError(f"{directory}: the NSP head does not fit the model ({reason})") from None
         return cls(model, head.to(device=param.device, dtype=param.dtype)).train(model.training)

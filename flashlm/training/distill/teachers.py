@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flashlm.errors import CheckpointError, FlashLMError
+from flashlm.errors import CheckpointError, FlashLMError, first_line
 from flashlm.model.transformer import FlashLM
 from flashlm.training.distill.cache import CACHE_FORMAT, CACHE_META, LogitCache, _read_json
 from flashlm.training.distill.losses import TopK
@@ -228,6 +228,6 @@ def _load_hf_model(path: Path, device: torch.device, dtype: torch.dtype, need_at
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"{path}: cannot load as a transformers causal LM ({first})") from None
     return model.to(device)

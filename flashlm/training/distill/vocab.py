@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flashlm.errors import DataError, FlashLMError
+from flashlm.errors import DataError, FlashLMError, first_line
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -38,7 +38,7 @@ def _vocab_from_file(path: Path) -> dict[str, int] | None:
     try:
         return tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-        raise DataError(f"cannot read tokenizer {path}: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"cannot read tokenizer {path}: {first_line(exc)}") from None
 
 
 def vocab_from_dir(directory: str | os.PathLike) -> dict[str, int] | None:
