@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -416,8 +416,7 @@ def _run(
     state = _LoopState(start, resumed_from, clock, flops_per_token=flops, peak_flops=peak, peak_source=source)
     stopped_by = 0
     clock.start()
-    try:
-        signals.__enter__()
+    with closing(log), signals:
         for step in range(start + 1, tcfg.steps + 1):
             lr = optimizer.param_groups[0]["lr"]
             loss, metrics, grad_norm = train_step(parts, optimizer, scheduler, objective, data, tcfg, env, step, amp)
@@ -439,9 +438,6 @@ def _run(
                 state.checkpoint = _timed(state, save_now)
             if stop:
                 break
-    finally:
-        signals.__exit__()
-        log.close()
     stopped = {"stopped_by": signal_name(stopped_by) if stopped_by else None, "signal": stopped_by}
     return {**state.summary(env), "out": str(tcfg.out), **stopped}
 
