@@ -27,7 +27,7 @@ comparison) and with the f16 file and its default f16 cache; llama.cpp takes eac
 sampler, one `Llama.eval` and one `Llama.sample` call from Python per token (its C++ command-line loop
 would save that small per-token overhead).
 
-Results go to bench/results/llama_cpp.json and a section of docs/benchmarks.md.
+Results go to bench/results/gguf_llama_cpp.json and a section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from typing import Any
 from docs_section import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "llama_cpp.json"
+RESULTS = REPO / "bench" / "results" / "gguf_llama_cpp.json"
 DOC = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- llama_cpp:begin -->", "<!-- llama_cpp:end -->"
+BEGIN, END = "<!-- gguf_llama_cpp:begin -->", "<!-- gguf_llama_cpp:end -->"
 
 SHAPE = dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1024, tie_embeddings=True)
 PATTERNS = {"gemma": "LLLLLG", "llama": "G"}
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace, llama_cpp: Any) -> dict[str, Any]:
     tokenizer = Tokenizer.train(iter(story_corpus(3000, seed=0)), VOCAB, show_progress=False)
     held_out = list(story_corpus(200, seed=7))
     prompt = tokenizer.encode(held_out[0], add_bos=True)[:PROMPT_LEN]
-    report: dict[str, Any] = {"benchmark": "llama_cpp", "checks": {}, "tokens_per_s": {}, "samples": {}}
+    report: dict[str, Any] = {"benchmark": "gguf_llama_cpp", "checks": {}, "tokens_per_s": {}, "samples": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for flavour in ("gemma", "llama"):
             model = build(flavour, tokenizer)
@@ -360,7 +360,7 @@ def markdown(report: dict[str, Any]) -> str:
         "for to serve a small model.",
         "",
         "Rerun: install `llama-cpp-python` apart from the project (this script's docstring says how), then "
-        "`.venv/bin/python bench/gguf_llama_cpp.py --site DIR` (writes `bench/results/llama_cpp.json`; "
+        "`.venv/bin/python bench/gguf_llama_cpp.py --site DIR` (writes `bench/results/gguf_llama_cpp.json`; "
         "`--report-only` rewrites this section from it).",
         END,
     ]
