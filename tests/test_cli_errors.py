@@ -205,3 +205,29 @@ def test_first_line_quotes_one_line_of_any_message():
 
     assert first_line(ValueError("  bad header\n  at byte 12\n")) == "bad header"
     assert first_line(OSError()) == "OSError"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("frobnicate",), r"No such command 'frobnicate'.*flashlm --help"),
+        (("generate",), r"Missing argument.*flashlm generate --help"),
+        (("generate", "m", "-p", "hi", "--bogus"), r"No such option: --bogus"),
+        (("generate", "m", "-p", "hi", "--max-new-tokens", "abc"), r"Invalid value for '--max-new-tokens'"),
+        (("chat", "m", "--temperature", "-1"), r"Invalid value for '--temperature'"),
+        (("serve", "m", "--port", "70000"), r"Invalid value for '--port'"),
+    ],
+    ids=["command", "argument", "option", "type", "chat-range", "serve-range"],
+)
+def test_usage_errors_are_one_line(monkeypatch, capsys, args, message):
+    """Click's own refusals (unknown command or option, missing argument, a value outside an option's
+    declared range) are one line with exit code 2, as typer raises them (its own copy of click)."""
+    import re
+
+    line = one_line_error(monkeypatch, capsys, *args)
+    assert re.search(message, line), line
+
+
+def test_no_arguments_shows_the_help(monkeypatch, capsys):
+    code, out, err = run(monkeypatch, capsys)
+    assert code == 0 and "Usage:" in out and "generate" in out and "Traceback" not in err

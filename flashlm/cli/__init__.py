@@ -80,16 +80,35 @@ def main() -> None:
         sys.exit(code or 0)
     except (typer.Abort, KeyboardInterrupt):
         code = INTERRUPTED
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except Exception as exc:
+        if not isinstance(exc, _click_errors()):
+            raise
+        sys.exit(_usage_error(exc))
     if code == INTERRUPTED:
         console.print("interrupted (Ctrl-C)", highlight=False)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's exception base class, as typer raises it: recent typer releases carry their own copy of
+    click, whose classes are not `click`'s (found from typer's public `BadParameter`, not by module path)."""
+    import click
+
+    vendored = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    return (vendored, click.ClickException)
+
+
+def _usage_error(exc: Exception) -> int:
+    """Show a click error (an unknown option, a missing argument, a value out of an option's range) as one
+    line naming the command's help; the command line with no arguments shows the help. Returns the exit code."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        typer.echo(ctx.get_help())
+        return 0
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    message = " ".join(exc.format_message().split())  # click may wrap a long message over lines
+    console.print(f"[bold red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
+    return 2
 
 
 __all__ = [
