@@ -10,6 +10,7 @@ run folder with report.md, summary.json and the loss curves.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -241,8 +242,8 @@ def run_demo(
     out: str | Path = "runs/demo", minutes: float = 5.0, data: list[str] | None = None, seed: int = 0
 ) -> dict[str, Any]:
     """Run the whole pipeline in about `minutes`; return the stages' results."""
-    if minutes <= 0:
-        raise FlashLMError(f"--minutes must be positive, got {minutes}")
+    if not 0 < minutes < math.inf:  # NaN too
+        raise FlashLMError(f"--minutes must be a positive number, got {minutes}")
     out = Path(out)
     if (out / "teacher" / "checkpoints").exists():
         raise FlashLMError(f"{out} already holds a demo run; pass another --out or delete it")

@@ -231,3 +231,35 @@ def test_usage_errors_are_one_line(monkeypatch, capsys, args, message):
 def test_no_arguments_shows_the_help(monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys)
     assert code == 0 and "Usage:" in out and "generate" in out and "Traceback" not in err
+
+
+def test_train_minutes_must_be_positive(monkeypatch, capsys, tmp_path):
+    """--minutes 0 would mean "no time budget" with no step limit: a run that never ends."""
+    args = ("train", "--config", "configs/causal.yaml", "--minutes", "0", "--set", f"train.out={tmp_path / 'run'}")
+    line = one_line_error(monkeypatch, capsys, *args)
+    assert "--minutes must be positive" in line and not (tmp_path / "run").exists()
+
+
+def test_outputs_never_overwrite_a_folder_holding_other_files(monkeypatch, capsys, model_dir, text_file, tmp_path):
+    """export/import, tokenizer train and data prepare refuse an --out that holds other files (a model, the
+    input itself), leaving every file as it was; a folder of earlier shards or a lone tokenizer.json may be
+    replaced."""
+    import shutil
+
+    victim = tmp_path / "victim"
+    shutil.copytree(model_dir, victim)
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    for args in (
+        ("export", "hf", model_dir, "--out", victim),
+        ("export", "hf", victim, "--out", victim),
+        ("tokenizer", "train", text_file, "--vocab-size", 300, "--out", victim),
+        ("data", "prepare", text_file, "--tokenizer", model_dir, "--out", victim),
+    ):
+        assert "already holds files" in one_line_error(monkeypatch, capsys, *map(str, args))
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+    tok = tmp_path / "tok"
+    for _ in range(2):  # a tokenizer folder may be trained again
+        assert run(monkeypatch, capsys, "tokenizer", "train", text_file, "--vocab-size", 300, "--out", tok)[0] == 0
+    shards = tmp_path / "shards"
+    for _ in range(2):  # and shards prepared again
+        assert run(monkeypatch, capsys, "data", "prepare", text_file, "--tokenizer", tok, "--out", shards)[0] == 0

@@ -73,6 +73,41 @@ def test_bad_overrides_and_files(tmp_path):
         load_run_config(bad)
 
 
+def test_a_config_that_is_not_a_mapping_is_one_line(tmp_path):
+    for text in ("just a string\n", "- a\n- list\n"):
+        path = tmp_path / "top.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="top level must be a mapping"):
+            load_run_config(path)
+    with pytest.raises(ConfigError, match="model: must be a mapping"):
+        RunConfig.from_dict({"model": [1, 2]})
+    with pytest.raises(ConfigError, match="train: must be a mapping"):
+        RunConfig.from_dict({"model": {"preset": "nano"}, "train": "fast"})
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.lr=.inf", r"train\.lr: must be a finite number"),
+        ("train.weight_decay=.nan", r"train\.weight_decay: must be a finite number"),
+        ("model.init_std=.inf", r"model\.init_std: must be a finite number"),
+        ("train.masking.rate=.nan", r"train\.masking\.rate: must be a finite number"),
+        ("train.betas=[2, 3]", r"train\.betas: must be two numbers in \[0, 1\)"),
+        ("train.weight_decay=-1", r"train\.weight_decay: must be >= 0"),
+        ("train.grad_clip=-1", r"train\.grad_clip: must be >= 0"),
+    ],
+)
+def test_numbers_that_would_train_to_nan_are_refused(override, match):
+    """inf and NaN (YAML's .inf / .nan) and out-of-range optimizer settings stop before any training."""
+    with pytest.raises(ConfigError, match=match):
+        load_run_config(None, ["model.preset=nano", override])
+
+
+def test_an_infinite_distillation_temperature_is_refused():
+    with pytest.raises(ConfigError, match=r"distill\.temperature: must be a finite number"):
+        load_run_config(None, ["model.preset=nano", "distill.teacher=t", "distill.temperature=.inf"])
+
+
 def test_seq_len_cannot_exceed_context():
     with pytest.raises(ConfigError, match="train.seq_len"):
         RunConfig.from_dict({"model": {"preset": "nano"}, "train": {"seq_len": 1024}})

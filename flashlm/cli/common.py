@@ -96,6 +96,40 @@ def writable_out(value: Path | None) -> Path | None:
     return None if value is None else writable_dir(value, "--out")
 
 
+def new_out(value: Path | None) -> Path | None:
+    """A typer callback for an --out folder a command fills with a model or a tokenizer: writable, and new or
+    empty. Writing into a folder that holds files (another model, the input itself) would leave a mix of two."""
+    return _refuse_held_files(writable_out(value), "a new or empty folder")
+
+
+def shards_out(value: Path | None) -> Path | None:
+    """A typer callback for `data prepare --out`: writable, and new, empty or earlier shards (replaced whole)."""
+    from flashlm.data.shards import META_FILE
+
+    path = writable_out(value)
+    if path is not None and (path / META_FILE).is_file():
+        return path
+    return _refuse_held_files(path, "a new or empty folder, or one holding earlier shards")
+
+
+def tokenizer_out(value: Path | None) -> Path | None:
+    """A typer callback for `tokenizer train --out`: writable, and new, empty or holding only a tokenizer.json."""
+    from flashlm.tokenizer import TOKENIZER_FILE
+
+    path = writable_out(value)
+    if path is not None and path.is_dir() and {p.name for p in path.iterdir()} <= {TOKENIZER_FILE}:
+        return path
+    return _refuse_held_files(path, "a new or empty folder, or one holding only an earlier tokenizer.json")
+
+
+def _refuse_held_files(path: Path | None, wanted: str) -> Path | None:
+    from flashlm.errors import FlashLMError
+
+    if path is not None and path.is_dir() and any(path.iterdir()):
+        raise FlashLMError(f"--out {path} already holds files this command would overwrite in part; choose {wanted}")
+    return path
+
+
 def writable_parent(value: Path | None) -> Path | None:
     """A typer callback for an --out file option: its folder must be writable (checked at parse time)."""
     if value is not None:

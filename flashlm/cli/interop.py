@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import writable_out, writable_parent
+from flashlm.cli.common import new_out, writable_parent
 
 import_app = typer.Typer(no_args_is_help=True, help="Import models from other formats.")
 export_app = typer.Typer(no_args_is_help=True, help="Export models to other formats.")
@@ -17,7 +17,7 @@ export_app = typer.Typer(no_args_is_help=True, help="Export models to other form
 def export_hf_cmd(
     model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory.")],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Directory for the transformers checkpoint.", callback=writable_out)
+        Path, typer.Option("--out", "-o", help="Directory for the transformers checkpoint.", callback=new_out)
     ],
 ) -> None:
     """Export to a transformers checkpoint (Gemma3ForCausalLM or LlamaForCausalLM)."""
@@ -59,7 +59,7 @@ def export_gguf_cmd(
 @import_app.command("hf")
 def import_hf_cmd(
     hf_dir: Annotated[Path, typer.Argument(help="A local transformers checkpoint (gemma3_text or llama).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the FlashLM model.", callback=writable_out)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the FlashLM model.", callback=new_out)],
 ) -> None:
     """Import a local transformers checkpoint; never downloads or runs remote code."""
     from flashlm.interop.hf import copy_tokenizer, import_hf
@@ -74,7 +74,7 @@ def import_hf_cmd(
 def import_llama2c_cmd(
     model: Annotated[Path, typer.Argument(help="A llama2.c checkpoint (legacy .bin export).")],
     tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Its SentencePiece .model file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the FlashLM model.", callback=writable_out)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the FlashLM model.", callback=new_out)],
 ) -> None:
     """Import a llama2.c checkpoint and its SentencePiece tokenizer."""
     from flashlm.interop.llama2c import import_llama2c

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import writable_out
+from flashlm.cli.common import tokenizer_out
 from flashlm.cli.data import CONFIG_HELP, DATA_FILES_HELP, DATASET_HELP, INPUTS_HELP, SPLIT_HELP
 
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train byte-level BPE tokenizers.")
@@ -16,7 +16,7 @@ tokenizer_app = typer.Typer(no_args_is_help=True, help="Train byte-level BPE tok
 
 @tokenizer_app.command("train")
 def tokenizer_train(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for tokenizer.json.", callback=writable_out)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for tokenizer.json.", callback=tokenizer_out)],
     files: Annotated[list[Path] | None, typer.Argument(help=INPUTS_HELP)] = None,
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, the 5 special tokens included.")] = 8192,
     min_frequency: Annotated[int, typer.Option(help="Merge only pairs seen this often.")] = 2,

@@ -67,8 +67,11 @@ def train_command(
 ) -> None:
     """Pre-train a model (also under torchrun: DDP, or FSDP2 with --set train.distributed=fsdp)."""
     from flashlm.config import load_run_config
+    from flashlm.errors import ConfigError
     from flashlm.training import train
 
+    if minutes is not None and not minutes > 0:  # 0 would mean "no time budget" in train.minutes
+        raise ConfigError(f"--minutes must be positive, got {minutes:g}; leave it out to train for train.steps")
     settings = list(overrides or [])
     extra = (["--minutes", f"{minutes:g}"] if minutes is not None else []) + (["--resume"] if resume else [])
     if resume:

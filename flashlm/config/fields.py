@@ -1,8 +1,9 @@
-"""Reading config values: coercion to each field's type, unknown keys, numbers and mappings, each
-refusal one `ConfigError` line naming the key."""
+"""Reading config values: coercion to each field's type (numbers finite), unknown keys, numbers and
+mappings, each refusal one `ConfigError` line naming the key."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import Any
 
@@ -29,6 +30,8 @@ def coerce_fields(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any
                 value = tuple(float(v) for v in value)
         except (TypeError, ValueError):
             raise ConfigError(f"{prefix}.{key}: expected {kind}, got {value!r}") from None
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
+            raise ConfigError(f"{prefix}.{key}: must be a finite number, got {value!r}")  # inf/NaN train to NaN
         out[key] = value
     return out
 
@@ -49,6 +52,8 @@ def as_number(value: Any, key: str, integer: bool = False) -> float:
         number = float(value)
     except ValueError:
         raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     if integer and number != int(number):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     return number

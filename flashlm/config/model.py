@@ -124,6 +124,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], prefix: str = "model") -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{prefix}: must be a mapping of settings (preset, d_model, ...), got {data!r:.80}")
         data = dict(data)
         preset = data.pop("preset", None)
         if preset is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from flashlm.config.fields import check_keys, coerce_fields
+from flashlm.config.fields import as_mapping, check_keys, coerce_fields
 from flashlm.config.model import ModelConfig, get_preset
 from flashlm.config.training import DistillConfig, TrainConfig
 from flashlm.errors import ConfigError
@@ -51,7 +51,7 @@ class RunConfig:
             raise ConfigError("config: the top level must be a mapping with sections 'model' and 'train'")
         check_keys(cls, data, "config")
         model = ModelConfig.from_dict(data.get("model") or {})
-        train_data = dict(data.get("train") or {})
+        train_data = as_mapping(data.get("train"), "train", "{steps: 100, lr: 3e-3}")
         check_keys(TrainConfig, train_data, "train")
         train = TrainConfig(**coerce_fields(TrainConfig, train_data, "train"))
         distill = None if data.get("distill") is None else DistillConfig.from_dict(data["distill"])
@@ -70,6 +70,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping with sections such as model: and train:, "
+            f"not a {type(data).__name__} (see configs/)"
+        )
     return data or {}
 
 

@@ -212,6 +212,13 @@ class TrainConfig:
             value = getattr(self, key)
             need(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
         need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        need(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
+        need(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            f"must be two numbers in [0, 1), got {list(self.betas)}",
+        )
         need(
             self.optimizer in OPTIMIZERS,
             "optimizer",
