@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from flashlm.errors import ConfigError
+
 PRECISIONS = ("auto", "fp32", "bf16")
 _warned: set[str] = set()
 
@@ -61,10 +63,16 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
 def default_device(name: str = "auto", index: int | None = None) -> torch.device:
     """The device for ``name``: "auto" is CUDA (device `index`) when available, else the CPU; any other
-    name is taken as it is. The one place FlashLM auto-detects its device."""
+    name is taken as it is, once checked (a name torch knows; CUDA only where it is available). The one place
+    FlashLM auto-detects and checks its device."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r}: not a device; use auto, cpu or cuda (cuda:N for one GPU)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available on this machine; use cpu (or auto)")
     return torch.device(device.type, index) if device.type == "cuda" and index is not None else device
 
 

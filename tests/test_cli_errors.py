@@ -3,6 +3,7 @@ Ctrl-C is one line and exit code 130. The commands run through `flashlm.cli.main
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import subprocess
@@ -263,3 +264,15 @@ def test_outputs_never_overwrite_a_folder_holding_other_files(monkeypatch, capsy
     shards = tmp_path / "shards"
     for _ in range(2):  # and shards prepared again
         assert run(monkeypatch, capsys, "data", "prepare", text_file, "--tokenizer", tok, "--out", shards)[0] == 0
+
+
+@pytest.mark.parametrize("command", ["chat", "explain", "fill-mask"])
+@pytest.mark.parametrize("device", ["bogus", "cuda"])
+def test_a_device_that_is_not_there_is_one_line(monkeypatch, capsys, model_dir, command, device):
+    """A misspelt device, or CUDA on a machine without it, is named as such (not as a damaged checkpoint)."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    extra = {"chat": [], "explain": ["Once upon a time"], "fill-mask": ["Once upon a <mask>"]}[command]
+    line = one_line_error(monkeypatch, capsys, command, model_dir, *extra, "--device", device)
+    assert f"device {device!r}" in line and ("not a device" in line or "CUDA is not available" in line), line

@@ -41,10 +41,10 @@ def sampling_options(command: str, **options):
 
 
 def eval_device(device: str) -> str:
-    """--device: "auto" is cuda when available, else cpu."""
+    """--device, checked: "auto" is cuda when available, else cpu; cuda where none is, one line."""
     from flashlm.hardware import default_device
 
-    return str(default_device(device)) if device == "auto" else device
+    return str(default_device(device))
 
 
 def eval_load(model_dir: Path, device: str, tokenizer: bool = True):

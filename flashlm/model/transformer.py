@@ -255,6 +255,9 @@ class FlashLM(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from flashlm.hardware import default_device
+
+        device = default_device(str(device))  # a bad name or absent CUDA: one line, not a "damaged file"
         cfg = cls.load_config(directory)
         weights = Path(directory) / WEIGHTS_FILE
         if not weights.is_file():

@@ -82,9 +82,10 @@ class Engine:
         """Load a model directory (and a draft model for speculative decoding); `precision` as in
         `flashlm.hardware.resolve_precision` (bf16 weights on CUDA and native-bf16 CPUs under "auto").
         A run's `latest` link is named after its run."""
-        from flashlm.hardware import dtype_of, resolve_precision
+        from flashlm.hardware import default_device, dtype_of, resolve_precision
         from flashlm.tokenizer import Tokenizer
 
+        device = str(default_device(device))  # a bad name or absent CUDA: one line
         dtype = dtype_of(resolve_precision(precision, device))
         model = FlashLM.from_pretrained(model_dir, device=device, dtype=dtype)
         tokenizer = Tokenizer.load(model_dir)
