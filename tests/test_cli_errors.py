@@ -217,8 +217,11 @@ def test_first_line_quotes_one_line_of_any_message():
         (("generate", "m", "-p", "hi", "--max-new-tokens", "abc"), r"Invalid value for '--max-new-tokens'"),
         (("chat", "m", "--temperature", "-1"), r"Invalid value for '--temperature'"),
         (("serve", "m", "--port", "70000"), r"Invalid value for '--port'"),
+        (("eval", "nsp", "m", "s", "--pairs", "0"), r"Invalid value for '--pairs'"),
+        (("generate", "m", "-p", "hi", "--seed", str(2**70)), r"Invalid value for '--seed'"),
+        (("serve", "m", "--log-level", "bogus"), r"--log-level must be one of"),
     ],
-    ids=["command", "argument", "option", "type", "chat-range", "serve-range"],
+    ids=["command", "argument", "option", "type", "chat-range", "serve-range", "pairs", "seed", "log-level"],
 )
 def test_usage_errors_are_one_line(monkeypatch, capsys, args, message):
     """Click's own refusals (unknown command or option, missing argument, a value outside an option's
@@ -276,3 +279,10 @@ def test_a_device_that_is_not_there_is_one_line(monkeypatch, capsys, model_dir, 
     extra = {"chat": [], "explain": ["Once upon a time"], "fill-mask": ["Once upon a <mask>"]}[command]
     line = one_line_error(monkeypatch, capsys, command, model_dir, *extra, "--device", device)
     assert f"device {device!r}" in line and ("not a device" in line or "CUDA is not available" in line), line
+
+
+def test_chat_reads_bytes_that_are_not_utf8(monkeypatch, capsys, model_dir):
+    """A terminal that sends Latin-1 bytes gets a reply (the bad byte read as U+FFFD), not a traceback."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8"))
+    code, _, err = run(monkeypatch, capsys, "chat", model_dir, "--max-new-tokens", "3", "--seed", "0")
+    assert code == 0 and "Traceback" not in err, err

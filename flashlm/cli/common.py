@@ -40,6 +40,9 @@ def sampling_options(command: str, **options):
         raise ConfigError(f"{command}: " + " ".join(str(exc).split())) from None
 
 
+SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed takes
+
+
 def eval_device(device: str) -> str:
     """--device, checked: "auto" is cuda when available, else cpu; cuda where none is, one line."""
     from flashlm.hardware import default_device

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import shards_out, writable_parent
+from flashlm.cli.common import SEED_MAX, shards_out, writable_parent
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare token shards.")
 
@@ -69,7 +69,7 @@ def data_stories(
         Path, typer.Option("--out", "-o", help="Text file to write, one story a line.", callback=writable_parent)
     ],
     docs: Annotated[int, typer.Option(min=1, help="Number of stories.")] = 20_000,
-    seed: Annotated[int, typer.Option(help="The same seed writes the same stories.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="The same seed writes the same stories.")] = 0,
 ) -> None:
     """Write generated stories (FlashLM's own story world): a corpus to try the toolkit on."""
     from flashlm.data.synthetic import write_story_corpus

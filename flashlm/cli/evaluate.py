@@ -10,6 +10,7 @@ import typer
 from flashlm.cli.common import (
     CONVENTION,
     INFERENCE_PRECISION,
+    SEED_MAX,
     check_precision,
     eval_device,
     eval_echo,
@@ -46,7 +47,7 @@ def eval_ppl(
     files: Annotated[list[Path], typer.Argument(help="Text / JSONL / Parquet files or directories.")],
     seq_len: Annotated[int | None, typer.Option(help="Window length; default the model's context.")] = None,
     stride: Annotated[int | None, typer.Option(help="Window step (≤ seq-len); default seq-len / 2.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass (no effect on results).")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass (no effect on results).")] = 8,
     txt_mode: Annotated[str, typer.Option(help="Text documents: 'blank' or 'line' separated.")] = "blank",
     field: Annotated[str, typer.Option(help="JSONL / Parquet field holding the text.")] = "text",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
@@ -78,7 +79,7 @@ def _check_window(seq_len: int | None, context: int) -> None:
 def eval_cloze(
     model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
     file: Annotated[Path, typer.Argument(help="One passage a line; the target is the last word.")],
-    batch_size: Annotated[int, typer.Option(help="Passages per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Passages per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
@@ -99,7 +100,8 @@ def eval_cloze(
 def eval_efficiency(
     model: Annotated[str, typer.Argument(help="A model directory, or a preset name (random weights).")],
     batch_size: Annotated[
-        list[int] | None, typer.Option("--batch-size", "-b", help="Batch sizes to time (repeatable); default 1 and 8.")
+        list[int] | None,
+        typer.Option("--batch-size", "-b", min=1, help="Batch sizes to time (repeatable); default 1 and 8."),
     ] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Generated tokens.")] = 32,
@@ -180,13 +182,13 @@ def eval_longrange(
     train_len: Annotated[
         int, typer.Option(help="Longest passkey training row; scored up to 4x this.")
     ] = LongRangeConfig.train_len,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps per model (default: the task's).")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps per model (default: the task's).")] = None,
     samples: Annotated[
         int, typer.Option(help="Passkey items per (length, depth) cell.")
     ] = LongRangeConfig.passkey_samples,
-    seed: Annotated[int, typer.Option(help="Seed for data and models.")] = LongRangeConfig.seed,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed for data and models.")] = LongRangeConfig.seed,
     threads: Annotated[
-        int, typer.Option(help="CPU threads for torch (1: best for these tiny models).")
+        int, typer.Option(min=1, help="CPU threads for torch (1: best for these tiny models).")
     ] = LongRangeConfig.threads,
     out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
@@ -232,7 +234,9 @@ def eval_all(
     ] = None,
     threads: Annotated[
         int | None,
-        typer.Option(help="CPU threads for torch (default: 1 with --quick: its small models gain nothing from more)."),
+        typer.Option(
+            min=1, help="CPU threads for torch (default: 1 with --quick: its small models gain nothing from more)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
@@ -259,11 +263,13 @@ ModelOpt = Annotated[Path | None, typer.Option("--model", help="Start from this 
 PresetOpt = Annotated[str | None, typer.Option(help="Else a fresh model of this preset (default: task's).")]
 MinutesOpt = Annotated[float | None, typer.Option(help="Training budget in minutes (schedule follows it).")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Training epochs (default: the task's).")]
-StepsOpt = Annotated[int | None, typer.Option(help="At most this many optimizer steps.")]
+StepsOpt = Annotated[int | None, typer.Option(min=1, help="At most this many optimizer steps.")]
 BatchOpt = Annotated[int | None, typer.Option(help="Examples per step (default: the task's).")]
 LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate (default: the task's).")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for the model, tokenizer and shuffling.")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (1 suits small models and shared CPUs).")]
+SeedOpt = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed for the model, tokenizer and shuffling.")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, help="CPU threads for torch (1 suits small models and shared CPUs).")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]
 OutOpt = Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)]
 SaveOpt = Annotated[Path | None, typer.Option(help="Keep the fine-tuned model (and tokenizer) here.")]
@@ -383,7 +389,7 @@ def eval_squad(
     doc_stride: Annotated[
         int, typer.Option(help="Context tokens shared by neighbouring windows.")
     ] = SquadConfig.doc_stride,
-    max_answer_len: Annotated[int, typer.Option(help="Longest answer in tokens.")] = SquadConfig.max_answer_len,
+    max_answer_len: Annotated[int, typer.Option(min=1, help="Longest answer in tokens.")] = SquadConfig.max_answer_len,
     minutes: MinutesOpt = None,
     epochs: EpochsOpt = None,
     max_steps: StepsOpt = None,
@@ -444,8 +450,8 @@ def eval_translate(
     max_steps: StepsOpt = None,
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
-    train_limit: Annotated[int | None, typer.Option(help="Use only the first N training pairs.")] = None,
-    eval_limit: Annotated[int | None, typer.Option(help="Use only the first N evaluation pairs.")] = None,
+    train_limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N training pairs.")] = None,
+    eval_limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N evaluation pairs.")] = None,
     precision: PrecisionOpt = FinetuneConfig.precision,
     clock: ClockOpt = FinetuneConfig.clock,
     seed: SeedOpt = FinetuneConfig.seed,
@@ -503,7 +509,7 @@ def eval_mlm(
     windows: Annotated[int, typer.Option(help="Fixed windows to mask (evenly spaced).")] = 256,
     rate: Annotated[float, typer.Option(help="Share of tokens masked.")] = 0.15,
     next_token: Annotated[bool | None, CONVENTION] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the masks.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the masks.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
@@ -536,8 +542,8 @@ def eval_nsp(
     data: Annotated[Path, typer.Argument(help="A token-shard directory (from `flashlm data prepare`).")],
     split: Annotated[str, typer.Option(help="Held-out shard split.")] = "val",
     seq_len: Annotated[int | None, typer.Option(help="Pair length; default the training seq_len.")] = None,
-    pairs: Annotated[int, typer.Option(help="Fixed <bos> A <sep> B <eos> pairs.")] = 512,
-    seed: Annotated[int, typer.Option(help="Seed of the pairs.")] = 0,
+    pairs: Annotated[int, typer.Option(min=1, help="Fixed <bos> A <sep> B <eos> pairs.")] = 512,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the pairs.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:

@@ -10,6 +10,7 @@ import typer
 from flashlm.cli.common import (
     CONVENTION,
     INFERENCE_PRECISION,
+    SEED_MAX,
     check_precision,
     console,
     eval_load,
@@ -29,7 +30,7 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
     repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string; repeatable.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible samples.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, max=SEED_MAX, help="Seed for reproducible samples.")] = None,
     prefix_lm: Annotated[bool, typer.Option(help="Attend bidirectionally over the prompt.")] = False,
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
     draft: Annotated[

@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import INFERENCE_PRECISION, check_precision, sampling_options
+from flashlm.cli.common import INFERENCE_PRECISION, SEED_MAX, check_precision, sampling_options
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 def serve(
@@ -60,8 +62,11 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web playground (/).
     Limits and options: docs/serving.md."""
+    from flashlm.errors import ConfigError
     from flashlm.serve.app import serve as run_server
 
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     run_server(  # refuses an open non-loopback host in one line before the model loads
         model_dir,
         host=host,
@@ -96,7 +101,7 @@ def chat(
     top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k most likely tokens.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
     repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, max=SEED_MAX, help="Seed for reproducible replies.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
 ) -> None:
@@ -113,6 +118,7 @@ def chat(
         seed=seed,
     )
     engine = Engine.load(model_dir, device=device, precision=check_precision(precision), batching="serial")
+    sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a tokenizer error
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(f"chatting with {engine.name}; /reset clears the conversation, /exit or Ctrl-D ends it", err=True)

@@ -19,7 +19,7 @@ def tokenizer_train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for tokenizer.json.", callback=tokenizer_out)],
     files: Annotated[list[Path] | None, typer.Argument(help=INPUTS_HELP)] = None,
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, the 5 special tokens included.")] = 8192,
-    min_frequency: Annotated[int, typer.Option(help="Merge only pairs seen this often.")] = 2,
+    min_frequency: Annotated[int, typer.Option(min=0, help="Merge only pairs seen this often.")] = 2,
     txt_mode: Annotated[str, typer.Option(help="Text files: 'line' or 'blank'(-line separated).")] = "line",
     field: Annotated[str, typer.Option(help="JSONL / Parquet / Arrow / datasets field holding the text.")] = "text",
     dataset: Annotated[str | None, typer.Option("--dataset", help=DATASET_HELP)] = None,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import console, eval_device, writable_dir, writable_out
+from flashlm.cli.common import SEED_MAX, console, eval_device, writable_dir, writable_out
 
 TIMED_STEP_CAP = 10**9  # --minutes without train.steps: the clock alone ends the run
 
@@ -140,7 +140,7 @@ def distill_cache(
         int | None,
         typer.Option(help="Window step; default seq-len / 2 (every position keeps >= seq-len / 2 tokens of context)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per teacher forward pass.")] = 8,
     split: Annotated[str, typer.Option(help="Shard split to cache.")] = "train",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
@@ -159,7 +159,7 @@ def demo(
     data: Annotated[list[str] | None, typer.Option(help="Your own text/JSONL/Parquet files (repeatable).")] = None,
     minutes: Annotated[float, typer.Option(help="Approximate total budget.")] = 5.0,
     out: Annotated[Path, typer.Option(help="Run folder.", callback=writable_out)] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="Seed for the corpus, sampling and training.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed for the corpus, sampling and training.")] = 0,
 ) -> None:
     """The whole pipeline in minutes: tokenizer, shards, pre-training, distillation, evaluation, samples."""
     from flashlm.demo import run_demo

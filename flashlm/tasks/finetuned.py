@@ -85,7 +85,12 @@ def babi_task_numbers(tasks: str | Sequence[int]) -> tuple[int, ...]:
     """bAbI task numbers: "1-20" is every task, "1,2,3" those three; a sequence of numbers as given."""
     if not isinstance(tasks, str):
         return tuple(tasks)
-    return tuple(range(1, 21)) if tasks == ALL_BABI_TASKS else tuple(int(t) for t in tasks.split(",") if t.strip())
+    if tasks == ALL_BABI_TASKS:
+        return tuple(range(1, 21))
+    parts = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not parts or not all(t.isdigit() and 1 <= int(t) <= 20 for t in parts):
+        raise ConfigError(f"--tasks {tasks!r}: expected bAbI task numbers from 1 to 20, e.g. 1,2,3 (or 1-20)")
+    return tuple(int(t) for t in parts)
 
 
 def evaluate_babi(
