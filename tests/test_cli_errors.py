@@ -126,10 +126,16 @@ def test_a_prompt_longer_than_the_context_keeps_its_end_and_says_so(monkeypatch,
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_load(monkeypatch, capsys, tmp_path, tokenizer):
     small = FlashLM(replace(get_preset("nano"), vocab_size=300)).save_pretrained(tmp_path / "m", tokenizer=tokenizer)
-    commands = (["generate", small, "-p", "Once"], ["fill-mask", small, "The <mask> sat."], ["chat", small])
+    commands = (
+        ["generate", small, "-p", "Once"],
+        ["fill-mask", small, "The <mask> sat."],
+        ["chat", small],
+        ["export", "hf", small, "--out", tmp_path / "hf"],  # a checkpoint that would fail in transformers
+    )
     for args in commands:
         line = one_line_error(monkeypatch, capsys, *args)
         assert "512 ids" in line and "300" in line, line
+    assert not (tmp_path / "hf").exists()
 
 
 def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys, model_dir, text_file, tmp_path):

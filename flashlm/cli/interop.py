@@ -23,9 +23,12 @@ def export_hf_cmd(
     """Export to a transformers checkpoint (Gemma3ForCausalLM or LlamaForCausalLM)."""
     from flashlm.interop.hf import export_hf
     from flashlm.model.transformer import FlashLM
+    from flashlm.tokenizer import TOKENIZER_FILE, Tokenizer
 
     model = FlashLM.from_pretrained(model_dir)
-    tokenizer = model_dir if (model_dir / "tokenizer.json").is_file() else None
+    tokenizer = model_dir if (model_dir / TOKENIZER_FILE).is_file() else None
+    if tokenizer is not None:  # a tokenizer with ids the model lacks would make a checkpoint that fails later
+        Tokenizer.load(model_dir).check_fits(model.cfg.vocab_size, model_dir)
     export_hf(model, out, tokenizer=tokenizer)
     typer.echo(f"exported {model_dir} to {out}" + ("" if tokenizer else " (no tokenizer.json to copy)"))
 

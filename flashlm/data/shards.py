@@ -88,7 +88,7 @@ def prepare_shards(
     processes, at a fraction of the memory; see docs/benchmarks.md) and ``min(cpus, 8)`` processes above.
     """
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
-    _check_args(tok, val_fraction, workers, chunk_docs)
+    _check_args(tok, val_fraction, workers, chunk_docs, encoder)
     documents = iter_documents(inputs, txt_mode=txt_mode, field=field)
     chunks = _chunks(documents, chunk_docs)
     first = list(itertools.islice(chunks, 2))  # reads ahead: an empty corpus fails before any file is made
@@ -115,7 +115,8 @@ def prepare_shards(
     return meta
 
 
-def _check_args(tok: Tokenizer, val_fraction: float, workers: int | None, chunk_docs: int) -> None:
+def _check_args(tok: Tokenizer, val_fraction: float, workers: int | None, chunk_docs: int, encoder: str) -> None:
+    """Every argument checked before a file is made (a refusal leaves nothing behind)."""
     if tok.eos_id is None:
         raise DataError("the tokenizer has no <eos> (or </s>) token to end documents with")
     if not 0 <= val_fraction < 1:
@@ -124,6 +125,8 @@ def _check_args(tok: Tokenizer, val_fraction: float, workers: int | None, chunk_
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if chunk_docs < 1:
         raise ConfigError(f"chunk_docs must be at least 1, got {chunk_docs}")
+    if encoder not in ENCODERS:
+        raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
 
 
 def _cpus() -> int:
@@ -150,10 +153,8 @@ def _batch_encoder(name: str, tokenizer_json: str, threads: int) -> BatchEncoder
 
 
 def _choose_encoder(requested: str, tok: Tokenizer, sample: list[str]) -> tuple[str, BatchEncoder]:
-    """The encoder for this process and its name; "auto" takes tiktoken only when its ids equal
-    `tokenizers`' on ``sample`` (the first chunk)."""
-    if requested not in ENCODERS:
-        raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {requested!r}")
+    """The encoder for this process and its name (``requested`` one of `ENCODERS`); "auto" takes tiktoken only
+    when its ids equal `tokenizers`' on ``sample`` (the first chunk)."""
     tok_json = tok.to_str()
     if requested != "auto":
         return requested, _batch_encoder(requested, tok_json, _cpus())

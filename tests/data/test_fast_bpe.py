@@ -94,6 +94,7 @@ def test_an_unknown_or_impossible_encoder_is_one_clear_error(story_tokenizer, tm
 
     with pytest.raises(ConfigError, match="encoder must be one of"):
         prepare_shards(iter(["a b", "c d"]), story_tokenizer, tmp_path / "x", progress=False, encoder="fast")
+    assert not (tmp_path / "x").exists()  # refused before any file is made
     spec = json.loads(story_tokenizer.to_str())
     spec["normalizer"] = {"type": "NFC"}
     with pytest.raises(ConfigError, match="cannot express this tokenizer"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flashlm.config import ModelConfig, replace
-from flashlm.errors import FlashLMError
+from flashlm.errors import CheckpointError, FlashLMError
 from flashlm.model.transformer import FlashLM
 
 transformers = pytest.importorskip("transformers")
@@ -185,3 +185,18 @@ def test_cli_export_import(tmp_path: Path) -> None:
     ids = _ids(GEMMA)
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_a_damaged_transformers_checkpoint_is_one_error(tmp_path: Path) -> None:
+    """A config with a wrong type or a truncated weights file: one FlashLMError naming the folder."""
+    from flashlm.interop.hf import export_hf
+
+    out = export_hf(_model(LLAMA), tmp_path / "hf")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cannot load the weights"):
+        import_hf(out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    with pytest.raises(FlashLMError, match="unreadable transformers config"):
+        import_hf(out)
