@@ -292,3 +292,15 @@ def test_chat_reads_bytes_that_are_not_utf8(monkeypatch, capsys, model_dir):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8"))
     code, _, err = run(monkeypatch, capsys, "chat", model_dir, "--max-new-tokens", "3", "--seed", "0")
     assert code == 0 and "Traceback" not in err, err
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_loading(monkeypatch, capsys, tmp_path):
+    """Another server on the port: one line naming it, before the model loads (uvicorn would log several)."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        line = one_line_error(monkeypatch, capsys, "serve", tmp_path / "no-model", "--port", str(port))
+    assert f"--port {port}: cannot listen there" in line, line

@@ -404,6 +404,7 @@ def serve(
     import uvicorn
 
     check_exposure(host, api_key, insecure)  # before the model loads: a refusal costs nothing
+    check_port_free(host, port)
     if not is_loopback(host) and not api_key:
         print(f"warning: listening on {host} with no API key: anyone who can reach it can use it", file=sys.stderr)
     limits = Limits(max_request_bytes, max_queue, api_key, allowed_hosts_for(host))
@@ -418,6 +419,28 @@ def serve(
     # generation thread would make it wait that long each time to get it back (/health then takes seconds)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, in one line before the model loads, a port another process holds or a host that is not
+    this machine's (uvicorn would report either in several log lines after loading)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise FlashLMError(f"--host {host}: cannot resolve it ({reason}); give an address of this machine") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise FlashLMError(
+                f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); another server may "
+                "hold the port: choose another --port"
+            ) from None
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
