@@ -247,6 +247,10 @@ def run_demo(
     out = Path(out)
     if (out / "teacher" / "checkpoints").exists():
         raise FlashLMError(f"{out} already holds a demo run; pass another --out or delete it")
+    if data:  # a missing, empty or unreadable input: one line before anything is made or printed
+        from flashlm.data.corpus import iter_documents
+
+        next(iter_documents(data), None)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     console.print(f"[bold]FlashLM demo[/] -> {out}  (budget {minutes:g} min)")

@@ -304,3 +304,18 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(monkeypatch, capsys, 
         port = holder.getsockname()[1]
         line = one_line_error(monkeypatch, capsys, "serve", tmp_path / "no-model", "--port", str(port))
     assert f"--port {port}: cannot listen there" in line, line
+
+
+def test_missing_inputs_of_demo_and_eval_all_stop_before_any_work(monkeypatch, capsys, model_dir, tmp_path):
+    """A typo in a data path is one line and leaves no output folder (not a half-built demo, not a report
+    that lists the task as failed)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    nope = tmp_path / "nope.txt"
+    for args, message in (
+        (("demo", "--out", tmp_path / "demo", "--data", nope), "no such file or directory"),
+        (("demo", "--out", tmp_path / "demo", "--data", empty), "empty corpus"),
+        (("eval", "all", model_dir, "--tasks", "ppl", "--data", nope, "--out", tmp_path / "r"), f"--data {nope}"),
+    ):
+        assert message in one_line_error(monkeypatch, capsys, *map(str, args))
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "r").exists()

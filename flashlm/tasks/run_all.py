@@ -71,6 +71,9 @@ def evaluate_all(
         raise DataError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_TASKS)}")
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir} is not a FlashLM model directory (no config.json)")
+    for option, path in [*(("--data", p) for p in data), ("--cloze", cloze_file)]:
+        if path is not None and not Path(path).exists():  # a typo stops the run, not one task of it
+            raise DataError(f"{option} {path}: no such file or directory")
     budget = minutes if minutes is not None else (2.5 if quick else None)
     trained = sum(f for t, f in QUICK_SHARES.items() if t in wanted)
     share = {t: budget * f / trained for t, f in QUICK_SHARES.items()} if budget and trained else {}
