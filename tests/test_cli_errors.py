@@ -150,6 +150,24 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys, model_dir, text_fil
         assert code == 130 and err.strip() == "interrupted (Ctrl-C)", (code, err)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError("Unable to allocate 48.4 GiB"), RuntimeError("DefaultCPUAllocator: can't allocate 8 bytes")],
+    ids=["numpy", "torch-cpu"],
+)
+def test_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path, error):
+    """Sizes too large for the machine (a batch of 10^8 rows): one line that says which knobs to turn."""
+
+    def too_big(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("flashlm.training.train", too_big)
+    line = one_line_error(
+        monkeypatch, capsys, "train", "--config", "configs/causal.yaml", "--set", f"train.out={tmp_path / 'run'}"
+    )
+    assert line.startswith("error: out of memory (") and "lower the batch size" in line, line
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return build_shards(tmp_path_factory.getbasetemp() / "clm_shards")

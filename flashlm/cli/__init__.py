@@ -37,7 +37,7 @@ from flashlm.cli.model import explain_command, fill_mask_command, generate, info
 from flashlm.cli.serving import chat, serve
 from flashlm.cli.tokenizer import tokenizer_app, tokenizer_train
 from flashlm.cli.train import TIMED_STEP_CAP, demo, distill_app, distill_cache, distill_command, train_command
-from flashlm.errors import FlashLMError
+from flashlm.errors import FlashLMError, first_line
 
 INTERRUPTED = 130  # the shell's exit status for a process ended by SIGINT
 
@@ -81,12 +81,30 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         code = INTERRUPTED
     except Exception as exc:
+        if _out_of_memory(exc):
+            console.print(
+                f"[bold red]error:[/] out of memory ({first_line(exc)}); lower the batch size, the sequence length "
+                "or the model size",
+                highlight=False,
+                soft_wrap=True,
+            )
+            sys.exit(2)
         if not isinstance(exc, _click_errors()):
             raise
         sys.exit(_usage_error(exc))
     if code == INTERRUPTED:
         console.print("interrupted (Ctrl-C)", highlight=False)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation the machine could not make: numpy's and Python's MemoryError, torch's CPU allocator
+    (a RuntimeError) and CUDA's OutOfMemoryError. Sizes the user chose, so one line rather than a traceback."""
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate" in str(exc)
+    )
 
 
 def _click_errors() -> tuple[type[Exception], ...]:

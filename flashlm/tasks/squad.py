@@ -86,20 +86,27 @@ def read_squad(path: str | os.PathLike) -> list[SquadItem]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: cannot read SQuAD JSON ({exc})") from None
-    items = []
-    for article in data.get("data", []):
-        for para in article.get("paragraphs", []):
-            for qa in para.get("qas", []):
-                answers = qa.get("answers", [])
-                items.append(
-                    SquadItem(
-                        str(qa.get("id", len(items))),
-                        qa["question"],
-                        para["context"],
-                        tuple(a["text"] for a in answers),
-                        tuple(int(a["answer_start"]) for a in answers),
+    items: list[SquadItem] = []
+    try:
+        for article in data.get("data", []):
+            for para in article.get("paragraphs", []):
+                for qa in para.get("qas", []):
+                    answers = qa.get("answers", [])
+                    items.append(
+                        SquadItem(
+                            str(qa.get("id", len(items))),
+                            qa["question"],
+                            para["context"],
+                            tuple(a["text"] for a in answers),
+                            tuple(int(a["answer_start"]) for a in answers),
+                        )
                     )
-                )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # JSON of another shape
+        where = f"question {len(items)}"
+        raise DataError(
+            f"{path}: not SQuAD v1.1 JSON at {where} ({type(exc).__name__}: {exc}); expected "
+            "data/paragraphs/qas with question, context and answers"
+        ) from None
     if not items:
         raise DataError(f"{path}: no questions found (expected data/paragraphs/qas)")
     return items

@@ -460,3 +460,11 @@ def test_span_qa_saves_and_loads(tmp_path, babi_tokenizer):
     again = squad.SpanQA.from_pretrained(tmp_path / "qa")
     ids = torch.tensor([[1, 20, 30, 4, 50, 60, 2]])
     assert torch.allclose(qa(ids), again(ids), atol=1e-6)
+
+
+@pytest.mark.parametrize("data", [{"data": 5}, [1, 2], {"data": [{"paragraphs": [{"qas": [{"question": "q"}]}]}]}])
+def test_json_of_another_shape_is_one_data_error(tmp_path, data):
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="not SQuAD v1.1 JSON at question 0"):
+        read_squad(path)
