@@ -244,8 +244,14 @@ def test_first_line_quotes_one_line_of_any_message():
         (("eval", "nsp", "m", "s", "--pairs", "0"), r"Invalid value for '--pairs'"),
         (("generate", "m", "-p", "hi", "--seed", str(2**70)), r"Invalid value for '--seed'"),
         (("serve", "m", "--log-level", "bogus"), r"--log-level must be one of"),
+        (("eval", "mlm", "m", "s", "--rate", "1.5"), r"Invalid value for '--rate'"),
+        (("eval", "mlm", "m", "s", "--rate", "0"), r"--rate must be above 0"),
+        (("eval", "ppl", "m", "t", "--stride", "0"), r"Invalid value for '--stride'"),
     ],
-    ids=["command", "argument", "option", "type", "chat-range", "serve-range", "pairs", "seed", "log-level"],
+    ids=[
+        *("command", "argument", "option", "type", "chat-range", "serve-range", "pairs", "seed", "log-level"),
+        *("mlm-rate", "mlm-rate-0", "stride"),
+    ],
 )
 def test_usage_errors_are_one_line(monkeypatch, capsys, args, message):
     """Click's own refusals (unknown command or option, missing argument, a value outside an option's

@@ -45,8 +45,8 @@ def _number(value: float) -> str:
 def eval_ppl(
     model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
     files: Annotated[list[Path], typer.Argument(help="Text / JSONL / Parquet files or directories.")],
-    seq_len: Annotated[int | None, typer.Option(help="Window length; default the model's context.")] = None,
-    stride: Annotated[int | None, typer.Option(help="Window step (≤ seq-len); default seq-len / 2.")] = None,
+    seq_len: Annotated[int | None, typer.Option(min=2, help="Window length; default the model's context.")] = None,
+    stride: Annotated[int | None, typer.Option(min=1, help="Window step (≤ seq-len); default seq-len / 2.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass (no effect on results).")] = 8,
     txt_mode: Annotated[str, typer.Option(help="Text documents: 'blank' or 'line' separated.")] = "blank",
     field: Annotated[str, typer.Option(help="JSONL / Parquet field holding the text.")] = "text",
@@ -103,8 +103,8 @@ def eval_efficiency(
         list[int] | None,
         typer.Option("--batch-size", "-b", min=1, help="Batch sizes to time (repeatable); default 1 and 8."),
     ] = None,
-    prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 128,
-    new_tokens: Annotated[int, typer.Option(help="Generated tokens.")] = 32,
+    prompt_len: Annotated[int, typer.Option(min=1, help="Prompt tokens.")] = 128,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Generated tokens.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     precision: Annotated[str, typer.Option(help=INFERENCE_PRECISION)] = "auto",
     out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
@@ -493,9 +493,11 @@ def eval_translate(
 
 # ---- masked LM ------------------------------------------------------------------------------------
 def _masked_seq_len(model_dir: Path, model, seq_len: int | None) -> int:
-    """--seq-len, else the checkpoint's train.seq_len, else 128 (never past the model's context)."""
+    """--seq-len (within the model's context), else the checkpoint's train.seq_len, else 128 (never past the
+    model's context)."""
     from flashlm.evaluate.masked import training_config
 
+    _check_window(seq_len, model.cfg.max_seq_len)
     trained = training_config(model_dir).get("seq_len")
     return min(seq_len or (trained if isinstance(trained, int) else 128), model.cfg.max_seq_len)
 
@@ -505,18 +507,21 @@ def eval_mlm(
     model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
     data: Annotated[Path, typer.Argument(help="A token-shard directory (from `flashlm data prepare`).")],
     split: Annotated[str, typer.Option(help="Held-out shard split.")] = "val",
-    seq_len: Annotated[int | None, typer.Option(help="Window length; default the training seq_len.")] = None,
-    windows: Annotated[int, typer.Option(help="Fixed windows to mask (evenly spaced).")] = 256,
-    rate: Annotated[float, typer.Option(help="Share of tokens masked.")] = 0.15,
+    seq_len: Annotated[int | None, typer.Option(min=2, help="Window length; default the training seq_len.")] = None,
+    windows: Annotated[int, typer.Option(min=1, help="Fixed windows to mask (evenly spaced).")] = 256,
+    rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of tokens masked (above 0).")] = 0.15,
     next_token: Annotated[bool | None, CONVENTION] = None,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the masks.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
     """Masked-token accuracy on fixed held-out windows (and a unigram baseline)."""
+    from flashlm.errors import ConfigError
     from flashlm.evaluate.masked import mlm_accuracy, open_split
     from flashlm.evaluate.results import write_result
 
+    if rate <= 0:
+        raise ConfigError(f"--rate must be above 0 (a share of the tokens to mask), got {rate:g}")
     model, tokenizer = eval_load(model_dir, device)
     stream = open_split(data, tokenizer, split)
     length = _masked_seq_len(model_dir, model, seq_len)
@@ -541,7 +546,7 @@ def eval_nsp(
     model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory (with tokenizer.json).")],
     data: Annotated[Path, typer.Argument(help="A token-shard directory (from `flashlm data prepare`).")],
     split: Annotated[str, typer.Option(help="Held-out shard split.")] = "val",
-    seq_len: Annotated[int | None, typer.Option(help="Pair length; default the training seq_len.")] = None,
+    seq_len: Annotated[int | None, typer.Option(min=4, help="Pair length; default the training seq_len.")] = None,
     pairs: Annotated[int, typer.Option(min=1, help="Fixed <bos> A <sep> B <eos> pairs.")] = 512,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the pairs.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
