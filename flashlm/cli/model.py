@@ -208,8 +208,11 @@ def fill_mask_command(
 def info(preset_or_dir: Annotated[str, typer.Argument(help="A preset name or a model directory.")]) -> None:
     """Print a model's configuration and parameter count."""
     from flashlm.config import PRESETS, count_parameters, get_preset
+    from flashlm.errors import ConfigError
     from flashlm.model.transformer import FlashLM
 
+    if preset_or_dir not in PRESETS and not Path(preset_or_dir).exists():
+        raise ConfigError(f"{preset_or_dir}: neither a preset ({', '.join(PRESETS)}) nor a model directory")
     cfg = get_preset(preset_or_dir) if preset_or_dir in PRESETS else FlashLM.load_config(preset_or_dir)
     total, non_embed = count_parameters(cfg), count_parameters(cfg, include_embedding=False)
     for key, value in cfg.to_dict().items():
