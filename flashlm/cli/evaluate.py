@@ -165,12 +165,12 @@ def eval_longrange(
         ),
     ] = "default,global",
     layers: Annotated[
-        int, typer.Option(help="Layers of each small model ('default' is LG at 2).")
+        int, typer.Option(min=1, help="Layers of each small model ('default' is LG at 2).")
     ] = LongRangeConfig.n_layers,
-    d_model: Annotated[int, typer.Option(help="Width of each small model.")] = LongRangeConfig.d_model,
+    d_model: Annotated[int, typer.Option(min=8, help="Width of each small model.")] = LongRangeConfig.d_model,
     window: Annotated[
         int | None,
-        typer.Option(help=f"Sliding window of the local layers (default {LongRangeConfig.sliding_window})."),
+        typer.Option(min=1, help=f"Sliding window of the local layers (default {LongRangeConfig.sliding_window})."),
     ] = None,
     rope_base_global: Annotated[
         float | None,
@@ -180,11 +180,11 @@ def eval_longrange(
         ),
     ] = None,
     train_len: Annotated[
-        int, typer.Option(help="Longest passkey training row; scored up to 4x this.")
+        int, typer.Option(min=8, help="Longest passkey training row; scored up to 4x this.")
     ] = LongRangeConfig.train_len,
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps per model (default: the task's).")] = None,
     samples: Annotated[
-        int, typer.Option(help="Passkey items per (length, depth) cell.")
+        int, typer.Option(min=1, help="Passkey items per (length, depth) cell.")
     ] = LongRangeConfig.passkey_samples,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed for data and models.")] = LongRangeConfig.seed,
     threads: Annotated[
@@ -193,8 +193,11 @@ def eval_longrange(
     out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
     """Passkey retrieval and MQAR on small models trained here, local/global vs all-global; KV bytes."""
+    from flashlm.errors import ConfigError
     from flashlm.tasks.longrange import write_longrange
 
+    if minutes is not None and not 0 < minutes < float("inf"):  # NaN too
+        raise ConfigError(f"--minutes must be a positive number of minutes, got {minutes:g}")
     cfg = LongRangeConfig.from_options(
         patterns,
         steps=steps,
