@@ -39,6 +39,8 @@ bench: $(STAMP)
 	@echo "  $(BIN)/flashlm eval translate --minutes 30 --beam 4 --threads 2 --out bench/results \\"
 	@echo "      --train-src D/train.en.gz --train-tgt D/train.de.gz --eval-src D/val.en.gz --eval-tgt D/val.de.gz  # ~35 min, D: Multi30k"
 	@echo "  OMP_NUM_THREADS=1 $(BIN)/flashlm eval babi --per-task --jobs 2 --threads 2 --minutes 56 --out bench/results  # ~1 h"
+	@echo "With llama-cpp-python installed apart (its docstring says how; ~10 min to build):"
+	@echo "  $(BIN)/python bench/gguf_llama_cpp.py --site DIR  # ~2 min, DIR: its site-packages"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
