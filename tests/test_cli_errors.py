@@ -121,7 +121,10 @@ def test_a_prompt_longer_than_the_context_keeps_its_end_and_says_so(monkeypatch,
     kept = fit_prompt(tokenizer, prompt, 128, 8)
     assert out.startswith(kept) and prompt.endswith(kept.strip())  # the end of the prompt, then the completion
     assert len(tokenizer.encode(kept, add_bos=True)) <= 128 - 8
+    capsys.readouterr()
     assert fit_prompt(tokenizer, "Once upon a time", 128, 500) == "Once upon a time"  # a short prompt is untouched
+    room = 128 - len(tokenizer.encode("Once upon a time", add_bos=True))
+    assert f"at most {room} of the 500 new tokens asked for fit" in capsys.readouterr().err  # the cap is said
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_load(monkeypatch, capsys, tmp_path, tokenizer):

@@ -122,7 +122,15 @@ def fit_prompt(tokenizer, text: str, context: int, max_new_tokens: int) -> str:
     """`text`, or its end when it fills the model's context: the last tokens that fit with room for up to
     `max_new_tokens` (at most half the context) new ones, said on stderr in one line."""
     ids = tokenizer.encode(text, add_bos=True)
-    if len(ids) < context:  # room for at least one new token: generation itself caps the rest
+    if len(ids) < context:  # room for at least one new token: generation itself caps the rest, said here
+        if len(ids) + max_new_tokens > context:
+            console.print(
+                f"note: the model's context is {context} tokens, so after this prompt at most "
+                f"{context - len(ids)} of the {max_new_tokens} new tokens asked for fit",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
         return text
     room = min(max_new_tokens, context // 2)
     keep = context - room - 1  # <bos> comes first
@@ -148,7 +156,7 @@ def plan_command(
     seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence (default: the model's context).")] = None,
     strategy: Annotated[str, typer.Option(help="fsdp (shard weights, grads, optimizer) or ddp.")] = "fsdp",
     checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing.")] = False,
-    gpu_memory: Annotated[float | None, typer.Option(help="GiB per GPU, to say whether it fits.")] = None,
+    gpu_memory: Annotated[float | None, typer.Option(min=0.001, help="GiB per GPU, to say whether it fits.")] = None,
 ) -> None:
     """Memory per GPU of training a model: weights, gradients, AdamW, activations, logits (estimates)."""
     from flashlm.config import get_preset, load_run_config
