@@ -83,6 +83,12 @@ def test_a_config_that_is_not_a_mapping_is_one_line(tmp_path):
         RunConfig.from_dict({"model": [1, 2]})
     with pytest.raises(ConfigError, match="train: must be a mapping"):
         RunConfig.from_dict({"model": {"preset": "nano"}, "train": "fast"})
+    from flashlm.errors import CheckpointError
+    from flashlm.model.transformer import FlashLM
+
+    (tmp_path / "config.json").write_text("[1, 2]")  # a model folder's config.json
+    with pytest.raises(CheckpointError, match="config.json: unreadable model config .*must be a mapping"):
+        FlashLM.load_config(tmp_path)
 
 
 @pytest.mark.parametrize(

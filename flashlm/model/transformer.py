@@ -242,8 +242,9 @@ class FlashLM(nn.Module):
             raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this a FlashLM model directory?")
         try:
             data = json.loads(path.read_text())
-            data.pop("architecture", None)
-            return ModelConfig.from_dict(data)
+            if isinstance(data, dict):
+                data.pop("architecture", None)
+            return ModelConfig.from_dict(data)  # refuses anything but a mapping
         except (json.JSONDecodeError, ConfigError, TypeError) as exc:
             raise CheckpointError(f"{path}: unreadable model config ({exc})") from None
 
