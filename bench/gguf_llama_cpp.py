@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import decode
 from docs_section import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,10 +51,9 @@ RESULTS = REPO / "bench" / "results" / "gguf_llama_cpp.json"
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- gguf_llama_cpp:begin -->", "<!-- gguf_llama_cpp:end -->"
 
-SHAPE = dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1024, tie_embeddings=True)
-PATTERNS = {"gemma": "LLLLLG", "llama": "G"}
+SHAPE = {k: v for k, v in decode.SHAPE.items() if k != "vocab_size"}  # the decode benchmark's models
+PATTERNS, RANDOM_INIT = decode.PATTERNS, decode.RANDOM_INIT
 WINDOW = 128
-RANDOM_INIT = {"gemma": {"init_std": 0.02, "embed_scale": 0.1}, "llama": {"init_std": 0.1, "embed_scale": 1.0}}
 VOCAB = 512
 PROMPT_LEN, NEW_TOKENS, SCORED = 32, 256, 256
 CONTEXT_TOKENS = 768  # llama.cpp rounds its context up to a multiple of 256: the models are made that long
