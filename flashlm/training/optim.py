@@ -210,6 +210,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 # ---- schedule ------------------------------------------------------------------------------------
+WARMUP_CLOCK_SHARE = 0.1  # of a time budget: the latest a timed run's warmup ends
+
+
 def cosine(progress: float, floor: float) -> float:
     """Half a cosine from 1 (progress 0) down to `floor` (progress 1)."""
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -219,11 +222,15 @@ def lr_factor(index: int, tcfg: TrainConfig, clock: float = 0.0) -> float:
     """Multiplier of the peak lr for optimizer update `index` (0-based): linear warmup, then cosine
     to min_lr_ratio, or warmup-stable-decay (linear decay over the last decay_fraction of steps).
 
-    `clock` is the share of a wall-clock budget spent (train.minutes): the schedule after warmup
-    follows whichever of the two, steps or time, is further along, so a timed run ends decayed.
+    `clock` is the share of a wall-clock budget spent (train.minutes): the schedule follows whichever of
+    the two, steps or time, is further along, so a timed run ends decayed, and its warmup ends by
+    WARMUP_CLOCK_SHARE of the budget at the latest (a short run on a slow machine still reaches its peak lr).
     """
     if index < tcfg.warmup_steps:
-        return (index + 1) / tcfg.warmup_steps
+        warm = max((index + 1) / tcfg.warmup_steps, clock / WARMUP_CLOCK_SHARE)
+        if warm < 1.0:
+            return warm
+        index = tcfg.warmup_steps  # warmed up by the clock: the schedule goes on from its start
     floor = tcfg.min_lr_ratio
     if tcfg.schedule == "wsd":
         decay_start = max(tcfg.warmup_steps, tcfg.steps - round(tcfg.decay_fraction * tcfg.steps))

@@ -23,7 +23,7 @@ from flashlm.training.checkpoint import latest_checkpoint, list_checkpoints
 from flashlm.training.loop import train
 from flashlm.training.muon import Muon
 from flashlm.training.objectives import Objective, clm_loss, get_objective
-from flashlm.training.optim import build_optimizer, lr_factor, param_groups
+from flashlm.training.optim import WARMUP_CLOCK_SHARE, build_optimizer, cosine, lr_factor, param_groups
 from flashlm.training.runlog import read_metrics
 
 
@@ -133,7 +133,11 @@ def test_the_lr_follows_the_clock_when_it_is_ahead_of_the_steps():
     assert lr_factor(100, cos, clock=0.0) == lr_factor(100, cos)
     assert lr_factor(100, cos, clock=0.5) == pytest.approx(0.55) and lr_factor(100, cos, clock=1.0) == 0.1
     assert lr_factor(900, cos, clock=0.1) == lr_factor(900, cos)  # steps further along: steps win
-    assert lr_factor(5, cos, clock=0.9) == pytest.approx(0.6)  # warmup stays in steps
+    # warmup ends by WARMUP_CLOCK_SHARE of the budget at the latest, then the cosine follows the clock
+    assert lr_factor(0, cos, clock=0.0) == pytest.approx(0.1) and lr_factor(5, cos, clock=0.01) == pytest.approx(0.6)
+    assert lr_factor(0, cos, clock=WARMUP_CLOCK_SHARE / 2) == pytest.approx(0.5)
+    assert lr_factor(5, cos, clock=WARMUP_CLOCK_SHARE) == pytest.approx(cosine(WARMUP_CLOCK_SHARE, 0.1))
+    assert lr_factor(5, cos, clock=0.9) == pytest.approx(cosine(0.9, 0.1))
     wsd = TrainConfig(steps=1000, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_factor(100, wsd, clock=0.79) == 1.0 and lr_factor(100, wsd, clock=0.9) == pytest.approx(0.5)
     assert lr_factor(100, wsd, clock=1.0) == pytest.approx(0.0)
