@@ -40,6 +40,14 @@ def sampling_options(command: str, **options):
         raise ConfigError(f"{command}: " + " ".join(str(exc).split())) from None
 
 
+def check_minutes(minutes: float | None, hint: str = "") -> None:
+    """--minutes, when given, must be a positive, finite number of minutes (NaN is neither)."""
+    from flashlm.errors import ConfigError
+
+    if minutes is not None and not 0 < minutes < float("inf"):
+        raise ConfigError(f"--minutes must be positive and finite, got {minutes:g}{hint}")
+
+
 SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed takes
 
 

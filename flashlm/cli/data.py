@@ -25,7 +25,12 @@ SPLIT_HELP = "Split of a --dataset or of a DatasetDict folder."
 @data_app.command("prepare")
 def data_prepare(
     tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="tokenizer.json or its directory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the shards.", callback=shards_out)],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Shards directory (new, empty, or earlier shards: replaced).", callback=shards_out
+        ),
+    ],
     inputs: Annotated[list[Path] | None, typer.Argument(help=INPUTS_HELP)] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of documents for the val split.")] = 0.01,
     workers: Annotated[int | None, typer.Option(help="Tokenizing processes; default by CPU count.")] = None,

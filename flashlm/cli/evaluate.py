@@ -11,6 +11,7 @@ from flashlm.cli.common import (
     CONVENTION,
     INFERENCE_PRECISION,
     SEED_MAX,
+    check_minutes,
     check_precision,
     eval_device,
     eval_echo,
@@ -193,11 +194,9 @@ def eval_longrange(
     out: Annotated[Path, typer.Option(help="Results directory.", callback=writable_out)] = Path("results"),
 ) -> None:
     """Passkey retrieval and MQAR on small models trained here, local/global vs all-global; KV bytes."""
-    from flashlm.errors import ConfigError
     from flashlm.tasks.longrange import write_longrange
 
-    if minutes is not None and not 0 < minutes < float("inf"):  # NaN too
-        raise ConfigError(f"--minutes must be a positive number of minutes, got {minutes:g}")
+    check_minutes(minutes)
     cfg = LongRangeConfig.from_options(
         patterns,
         steps=steps,

@@ -16,9 +16,7 @@ export_app = typer.Typer(no_args_is_help=True, help="Export models to other form
 @export_app.command("hf")
 def export_hf_cmd(
     model_dir: Annotated[Path, typer.Argument(help="A FlashLM model directory.")],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Directory for the transformers checkpoint.", callback=new_out)
-    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="A new or empty checkpoint directory.", callback=new_out)],
 ) -> None:
     """Export to a transformers checkpoint (Gemma3ForCausalLM or LlamaForCausalLM)."""
     from flashlm.interop.hf import export_hf
@@ -62,7 +60,7 @@ def export_gguf_cmd(
 @import_app.command("hf")
 def import_hf_cmd(
     hf_dir: Annotated[Path, typer.Argument(help="A local transformers checkpoint (gemma3_text or llama).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the FlashLM model.", callback=new_out)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="A new or empty model directory.", callback=new_out)],
 ) -> None:
     """Import a local transformers checkpoint; never downloads or runs remote code."""
     from flashlm.interop.hf import copy_tokenizer, import_hf
@@ -77,7 +75,7 @@ def import_hf_cmd(
 def import_llama2c_cmd(
     model: Annotated[Path, typer.Argument(help="A llama2.c checkpoint (legacy .bin export).")],
     tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Its SentencePiece .model file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the FlashLM model.", callback=new_out)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="A new or empty model directory.", callback=new_out)],
 ) -> None:
     """Import a llama2.c checkpoint and its SentencePiece tokenizer."""
     from flashlm.interop.llama2c import import_llama2c

@@ -16,7 +16,12 @@ tokenizer_app = typer.Typer(no_args_is_help=True, help="Train byte-level BPE tok
 
 @tokenizer_app.command("train")
 def tokenizer_train(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for tokenizer.json.", callback=tokenizer_out)],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Directory for tokenizer.json (new, empty or holding only one).", callback=tokenizer_out
+        ),
+    ],
     files: Annotated[list[Path] | None, typer.Argument(help=INPUTS_HELP)] = None,
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, the 5 special tokens included.")] = 8192,
     min_frequency: Annotated[int, typer.Option(min=0, help="Merge only pairs seen this often.")] = 2,

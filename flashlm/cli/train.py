@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flashlm.cli.common import SEED_MAX, console, eval_device, writable_dir, writable_out
+from flashlm.cli.common import SEED_MAX, check_minutes, console, eval_device, writable_dir, writable_out
 
 TIMED_STEP_CAP = 10**9  # --minutes without train.steps: the clock alone ends the run
 
@@ -67,11 +67,9 @@ def train_command(
 ) -> None:
     """Pre-train a model (also under torchrun: DDP, or FSDP2 with --set train.distributed=fsdp)."""
     from flashlm.config import load_run_config
-    from flashlm.errors import ConfigError
     from flashlm.training import train
 
-    if minutes is not None and not minutes > 0:  # 0 would mean "no time budget" in train.minutes
-        raise ConfigError(f"--minutes must be positive, got {minutes:g}; leave it out to train for train.steps")
+    check_minutes(minutes, "; leave it out to train for train.steps")  # 0 would be train.minutes' "no budget"
     settings = list(overrides or [])
     extra = (["--minutes", f"{minutes:g}"] if minutes is not None else []) + (["--resume"] if resume else [])
     if resume:
