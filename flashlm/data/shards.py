@@ -141,10 +141,15 @@ def _default_workers() -> int:
 ENCODERS = ("auto", "tokenizers", "tiktoken")
 
 
+def _tiktoken(tokenizer_json: str, threads: int) -> BatchEncoder | None:
+    """tiktoken's encoder over this BPE with ``threads`` threads (at most 8), or None where it cannot express it."""
+    return tiktoken_batch_encoder(tokenizer_json, threads=max(1, min(threads, 8)))
+
+
 def _batch_encoder(name: str, tokenizer_json: str, threads: int) -> BatchEncoder:
     """Texts -> ids with `tokenizers` (its own thread pool) or tiktoken (``threads`` threads)."""
     if name == "tiktoken":
-        encode = tiktoken_batch_encoder(tokenizer_json, threads=max(1, min(threads, 8)))
+        encode = _tiktoken(tokenizer_json, threads)
         if encode is None:
             raise ConfigError("encoder 'tiktoken' cannot express this tokenizer; use --encoder tokenizers")
         return encode
@@ -159,7 +164,7 @@ def _choose_encoder(requested: str, tok: Tokenizer, sample: list[str]) -> tuple[
     if requested != "auto":
         return requested, _batch_encoder(requested, tok_json, _cpus())
     reference = _batch_encoder("tokenizers", tok_json, _cpus())
-    fast = tiktoken_batch_encoder(tok_json, threads=max(1, min(_cpus(), 8)))
+    fast = _tiktoken(tok_json, _cpus())
     if fast is not None and fast(sample) == reference(sample):
         return "tiktoken", fast
     return "tokenizers", reference
