@@ -257,31 +257,34 @@ def markdown_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _why_missed(s: dict[str, Any]) -> str:
-    """What keeps the best lookahead from the goal: the cost of a round, or how few proposals are kept."""
+    """What keeps the best lookahead from the goal: how few proposals are kept, and what a round costs."""
     c, k = s["costs"], s["lookahead"]
-    round_cost = k * c["draft_step"] + c["check_pass"]
     if s["speedup"] >= GOAL_SPEEDUP:
         return ""
-    if c["ceiling"] < GOAL_SPEEDUP:
-        return (
-            f"Even keeping every proposal, {GOAL_SPEEDUP}x at this lookahead needs a draft step of at most "
-            f"{_draft_step_for_goal(k, c['check_pass']):.2f} teacher steps. At this size a decode step's cost is "
-            "mostly per-layer work and per-step overhead, which shrink with the draft's depth and not with its "
-            "parameter count, so a student at the teacher's width costs more than its share of parameters "
-            "suggests."
-        )
+    needed_tokens = GOAL_SPEEDUP * (k * c["draft_step"] + c["check_pass"])
+    agreement = (
+        f"it needs {needed_tokens:.2f} tokens a round of the {k + 1} possible and the draft gives "
+        f"{s['tokens_per_round']:.2f} ({s['acceptance_rate']:.0%} of proposals kept)"
+        if needed_tokens <= k + 1
+        else f"no agreement reaches it at this lookahead (it would need {needed_tokens:.2f} tokens of {k + 1})"
+    )
+    cheap_enough = _draft_step_for_goal(k, c["check_pass"], s["tokens_per_round"])
+    cost = (
+        f"a draft step must cost at most {cheap_enough:.2f} teacher steps, against {c['draft_step']:.2f}"
+        if cheap_enough > 0
+        else f"no draft is cheap enough, as the checking pass alone costs {c['check_pass']:.2f} teacher steps"
+    )
     return (
-        f"The costs leave room for {GOAL_SPEEDUP}x: it needs {GOAL_SPEEDUP * round_cost:.2f} tokens a round of "
-        f"the {k + 1} possible, and the draft gives {s['tokens_per_round']:.2f}; what is missing is agreement "
-        f"with the teacher ({s['acceptance_rate']:.0%} of proposals kept), which is the student's quality, not "
-        "the decoding."
+        f"For {GOAL_SPEEDUP}x, {agreement}; or, at the agreement it has, {cost}. At this size a decode step's cost is "
+        "mostly per-layer work and per-step overhead, which shrink with the draft's depth and not with its "
+        "parameter count, so a student at the teacher's width costs more than its share of parameters suggests."
     )
 
 
-def _draft_step_for_goal(lookahead: int, check_pass: float) -> float:
-    """The dearest draft step (in teacher steps) with which keeping every proposal reaches the goal:
-    (lookahead + 1) / (lookahead x draft + check) = GOAL_SPEEDUP, solved for draft."""
-    return max(0.0, ((lookahead + 1) / GOAL_SPEEDUP - check_pass) / lookahead)
+def _draft_step_for_goal(lookahead: int, check_pass: float, tokens_per_round: float) -> float:
+    """The dearest draft step (in teacher steps) with which rounds of `tokens_per_round` tokens reach the
+    goal: tokens / (lookahead x draft + check) = GOAL_SPEEDUP, solved for draft."""
+    return max(0.0, (tokens_per_round / GOAL_SPEEDUP - check_pass) / lookahead)
 
 
 def main() -> None:
