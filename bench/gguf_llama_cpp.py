@@ -61,15 +61,12 @@ STORIES = "stories260K"
 STORIES_DIR = REPO.parent / "shared" / "data" / "llama2c-stories260K"
 ROWS = ("flashlm_fast", "flashlm_compiled", "llama_cpp_f32", "llama_cpp_f16")
 LABELS = {
-    "flashlm_fast": "FlashLM, fast decode step (eager, default)",
-    "flashlm_compiled": "FlashLM, compiled decode step",
+    "flashlm_fast": decode.LABELS["flashlm_fast"],
+    "flashlm_compiled": decode.LABELS["flashlm_compiled"],
     "llama_cpp_f32": "llama.cpp, f32 GGUF, f32 KV cache",
     "llama_cpp_f16": "llama.cpp, f16 GGUF, f16 KV cache (its default)",
 }
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+log = decode.log
 
 
 def import_llama_cpp(site: str | None) -> Any:

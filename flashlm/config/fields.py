@@ -63,5 +63,5 @@ def as_mapping(value: Any, key: str, example: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: must be a mapping, e.g. {example}; got {value!r}")
+        raise ConfigError(f"{key}: must be a mapping, e.g. {example}; got {value!r:.80}")
     return value

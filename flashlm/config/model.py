@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flashlm.config.fields import check_keys, coerce_fields
+from flashlm.config.fields import as_mapping, check_keys, coerce_fields
 from flashlm.errors import ConfigError
 
 FLAVOURS = ("gemma", "llama")
@@ -124,9 +124,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], prefix: str = "model") -> ModelConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{prefix}: must be a mapping of settings (preset, d_model, ...), got {data!r:.80}")
-        data = dict(data)
+        data = dict(as_mapping(data, prefix, "{preset: tiny, max_seq_len: 512}"))
         preset = data.pop("preset", None)
         if preset is not None:
             get_preset(preset)  # validates the name
