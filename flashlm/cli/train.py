@@ -61,7 +61,8 @@ def train_command(
         float | None,
         typer.Option(
             help="Train for this many minutes (evaluation and saves not counted): the lr schedule follows "
-            "the clock and the run ends with a checkpoint (train.steps, when set with --set, stays a cap)."
+            "the clock (warmup ends by a tenth of the budget at the latest) and the run ends with a checkpoint "
+            "(train.steps, when set with --set, stays a cap)."
         ),
     ] = None,
 ) -> None:
